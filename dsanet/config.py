@@ -1,0 +1,404 @@
+"""Typed, frozen experiment configuration: YAML + dotted overrides, validated once at load time.
+
+This is the only place defaults live. Defaults are the DSANet XD-Violence settings of the
+official code (spec §4, §6); `configs/ucf.yaml` changes what differs for UCF-Crime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "xd"  # a preset in dsanet/presets or a dataset YAML path
+    list_dir: str = ""  # folder holding the CSV lists, gt_segment/gt_label and annotation files
+    feature_root: str = ""  # list paths are re-rooted under it (spec §1.2)
+    test_feature_root: str = ""  # test features, when they live apart ("" = feature_root)
+    cache_dir: str = ""  # packed feature cache ("" = <feature_root>/.dsanet-cache)
+    protocol: Literal["validation", "reference"] = "validation"
+    val_fraction: float = 0.1  # of the training videos, stratified by class
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    visual_length: int = 256  # T
+    visual_width: int = 512  # D
+    visual_layers: int = 1
+    visual_heads: int = 1
+    attn_window: int = 64
+    mlp_ratio: int = 4
+    sim_threshold: float = 0.7
+    distance_scale: float = math.e
+    align_temperature: float = 0.07
+    pool_scale: float = 10.0  # DCSA sharpness s
+    mask_padding: bool = False  # Q-P1: the reference never masks padding
+    use_sgnm: bool = True
+    num_prototypes: int = 16  # K
+    normal_ratio: float = 0.8  # M = int(T * ratio)
+    sgnm_select: Literal["padded", "valid"] = "padded"  # Q-S2
+    extractor_depth: int = 1
+    decoder_depth: int = 8
+    sgnm_heads: int = 8
+    decoder_residual: Literal["none", "all_but_first"] = "none"  # Q-S1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    mode: Literal["adapter", "coop", "frozen", "manual"] = "adapter"
+    arch: str = "ViT-B-16-quickgelu"
+    # "openai" (resolved to a local file before training), a path to weights, or "" for random
+    # weights (tests and the CPU demo; a loud warning is logged).
+    weights: str = ""
+    layers: int = 12  # fewer gives a tiny random tower for tests
+    normalize: bool = True
+    adapt_layers: int = 1  # L
+    adapter_weight: float = 0.6  # t_w
+    prompt_prefix: int = 10  # coop only
+    prompt_postfix: int = 10
+    template: str = "a video of {}"  # manual only
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    use_dcsa: bool = True
+    w_mil: float = 1.0
+    w_align: float = 5.0  # lambda2
+    w_sep: float = 1.0
+    w_event: float = 1.0
+    w_bkg: float = 1.0
+    w_cons: float = 1.0
+    w_gather: float = 1.0
+    label_smoothing: float = 0.1
+    bkg_off_mass: float = 0.01
+    topk_divisor: int = 16  # k = len // divisor + 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    sgnm_lr: float = 0.0  # 0 = same as lr
+    weight_decay: float = 0.01
+    schedule: Literal["cosine+warmcosine", "multistep"] = "cosine+warmcosine"
+    milestones: tuple[int, ...] = (3, 6, 10)  # multistep only
+    gamma: float = 0.1
+    sgnm_weight_decay: float = 1e-4
+    sgnm_eps: float = 1e-10
+    sgnm_clip: float = 1.0
+    sgnm_warmup: int = 100
+    sgnm_floor: float = 0.1
+    # Q-O2: the reference sizes UCF's SG-NM schedule with both loaders' lengths; 0 = actual steps.
+    sgnm_schedule_steps_per_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 96  # rows per step ("paired" sampling: per half)
+    seed: int = 234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 0  # evaluate every N steps inside an epoch; 0 = once per epoch
+    max_steps_per_epoch: int = 0  # 0 = the full epoch
+    select_metric: Literal["ap", "auc", "map_avg"] = "ap"
+    reload_best_each_epoch: bool = False  # Q-O1
+    out_dir: str = "runs/default"
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    temperature: float = 1.0  # beta of the hierarchical belief modulation
+    class_probs: Literal["hbm", "softmax"] = "hbm"
+    iou_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Sequence[str]) -> ExperimentConfig:
+        """A new config with dotted overrides ({"model.num_prototypes": 32} or ["k=v", ...])."""
+        tree = to_dict(self)
+        _apply_overrides(tree, overrides, source="override")
+        return from_dict(tree, source="override")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(to_dict(self), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- checks
+
+# (field, test, what is allowed): cross-field and range rules, checked after types.
+_RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
+    ("model.visual_length", lambda c: c.model.visual_length >= 1, ">= 1"),
+    ("model.attn_window", lambda c: c.model.attn_window >= 1
+     and c.model.visual_length % c.model.attn_window == 0,
+     "a divisor of model.visual_length (e.g. 8, 16, 32, 64, 128 for 256)"),
+    ("model.visual_layers", lambda c: c.model.visual_layers >= 1, ">= 1"),
+    ("model.visual_heads", lambda c: c.model.visual_heads >= 1
+     and c.model.visual_width % c.model.visual_heads == 0, "a divisor of model.visual_width"),
+    ("model.sgnm_heads", lambda c: c.model.sgnm_heads >= 1
+     and c.model.visual_width % c.model.sgnm_heads == 0, "a divisor of model.visual_width"),
+    ("model.num_prototypes", lambda c: c.model.num_prototypes >= 1, "an integer >= 1 (K)"),
+    ("model.normal_ratio", lambda c: 0.0 < c.model.normal_ratio <= 1.0
+     and int(c.model.visual_length * c.model.normal_ratio) >= 1, "in (0, 1] with M = int(T*ratio) >= 1"),
+    ("model.extractor_depth", lambda c: c.model.extractor_depth >= 1, ">= 1"),
+    ("model.decoder_depth", lambda c: c.model.decoder_depth >= 1, ">= 1"),
+    ("model.sim_threshold", lambda c: -1.0 <= c.model.sim_threshold <= 1.0, "in [-1, 1]"),
+    ("model.align_temperature", lambda c: c.model.align_temperature > 0, "> 0"),
+    ("model.distance_scale", lambda c: c.model.distance_scale > 0, "> 0"),
+    ("text.layers", lambda c: 1 <= c.text.layers <= 12, "in [1, 12]"),
+    ("text.adapt_layers", lambda c: 0 <= c.text.adapt_layers <= c.text.layers,
+     "in [0, text.layers]"),
+    ("text.adapter_weight", lambda c: 0.0 <= c.text.adapter_weight <= 1.0, "in [0, 1]"),
+    ("text.template", lambda c: "{}" in c.text.template, "a string containing {}"),
+    ("loss.label_smoothing", lambda c: 0.0 <= c.loss.label_smoothing < 1.0, "in [0, 1)"),
+    ("loss.topk_divisor", lambda c: c.loss.topk_divisor >= 1, ">= 1"),
+    ("optim.lr", lambda c: c.optim.lr > 0, "> 0"),
+    ("optim.sgnm_lr", lambda c: c.optim.sgnm_lr >= 0, ">= 0 (0 = same as optim.lr)"),
+    ("optim.sgnm_warmup", lambda c: c.optim.sgnm_warmup >= 0, ">= 0"),
+    ("train.epochs", lambda c: c.train.epochs >= 1, ">= 1"),
+    ("train.batch_size", lambda c: c.train.batch_size >= 1, ">= 1"),
+    ("train.eval_every", lambda c: c.train.eval_every >= 0, ">= 0"),
+    ("train.max_steps_per_epoch", lambda c: c.train.max_steps_per_epoch >= 0, ">= 0"),
+    ("train.device", lambda c: c.train.device in ("auto", "cpu", "cuda")
+     or c.train.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    ("data.val_fraction", lambda c: 0.0 <= c.data.val_fraction < 1.0
+     and (c.data.protocol == "reference" or c.data.val_fraction > 0),
+     "in (0, 1) for protocol 'validation' (0 is allowed only with protocol 'reference')"),
+    ("data.num_workers", lambda c: c.data.num_workers >= 0, ">= 0"),
+    ("eval.temperature", lambda c: c.eval.temperature > 0, "> 0"),
+    ("eval.iou_thresholds", lambda c: len(c.eval.iou_thresholds) > 0
+     and all(0 < t <= 1 for t in c.eval.iou_thresholds), "a non-empty list of values in (0, 1]"),
+]
+
+for _k in ("w_mil", "w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather", "bkg_off_mass"):
+    _RULES.append((f"loss.{_k}", lambda c, k=_k: getattr(c.loss, k) >= 0, ">= 0"))
+
+
+def validate(cfg: ExperimentConfig, source: str = "config") -> ExperimentConfig:
+    """Check range and cross-field rules; raise one ConfigError listing every violation."""
+    problems = [f"{name}={_get(cfg, name)!r}: must be {allowed}"
+                for name, ok, allowed in _RULES if not ok(cfg)]
+    if problems:
+        raise ConfigError(f"{source}: invalid values:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- (de)serialising
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), ready for YAML."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """{"model.num_prototypes": 16, ...}: for logging parameters."""
+    flat: dict[str, Any] = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def field_names() -> list[str]:
+    """Every dotted field name a config or override may set."""
+    return list(flatten(ExperimentConfig()))
+
+
+def from_dict(tree: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    """Build and validate a config from a nested dict; unknown keys and bad types raise."""
+    return validate(_build(ExperimentConfig, tree, source, prefix=""), source)
+
+
+def _build(cls: type, tree: Mapping[str, Any], source: str, prefix: str) -> Any:
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
+                          f"got {type(tree).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} in {where}; "
+                          f"valid keys: {names}")
+    kwargs = {}
+    for name in names:
+        if name not in tree:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, tree[name] or {}, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(tree[name], hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+
+    def fail(allowed: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {name}={value!r} is not {allowed}")
+
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            fail(f"one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list of {item.__name__}")
+        return tuple(_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        fail("supported")  # no optional fields: "" or 0 mean "unset"
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("a boolean (true/false)")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                fail("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        if not math.isfinite(value):
+            fail("a finite number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {name}")  # internal invariant
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str],
+                     source: str) -> None:
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            key, sep, raw = text.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{source}: {text!r} is not of the form section.field=value "
+                                  f"(e.g. model.num_prototypes=32)")
+            items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    valid = set(field_names())
+    for key, value in items:
+        parts = key.split(".")
+        if key not in valid:
+            close = sorted(v for v in valid if v.split(".")[-1] == parts[-1]) or sorted(
+                v for v in valid if v.startswith(parts[0] + "."))
+            raise ConfigError(f"{source}: unknown field {key!r}; "
+                              f"did you mean one of {close or sorted(valid)}?")
+        tree.setdefault(parts[0], {})[parts[1]] = value
+
+
+# ---------------------------------------------------------------------------- files
+
+def load_config(path: str | Path | None = None,
+                overrides: Mapping[str, Any] | Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML config (which may name a parent with `extends:`), apply overrides, validate.
+
+    Relative paths in `data.*` are resolved against the config file's folder.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        tree = _read_tree(path, seen=())
+        source = str(path)
+    cfg = from_dict(tree, source)
+    if overrides:
+        _apply_overrides(tree, overrides, source=f"{source} (overrides)")
+        cfg = from_dict(tree, f"{source} (overrides)")
+    return cfg
+
+
+_PATH_FIELDS = ("list_dir", "feature_root", "test_feature_root", "cache_dir")
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass an existing YAML file "
+                                f"(examples are in configs/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections "
+                          f"(data, model, text, loss, optim, train, eval)")
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in _PATH_FIELDS:
+            value = data.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                data[key] = str((path.parent / value).resolve())
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    base = _read_tree(path.parent / str(parent), seen + (path,))
+    return _merge(base, tree)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,261 @@
+"""VadCLIP-format features: list reading, length handling, ground truth, splits and batches.
+
+Training rows come resampled/padded to a fixed length from the packed cache (`dsanet.cache`);
+test videos are read whole and cut into fixed-length chunks (spec §1.4, §1.5).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dsanet.datasets import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- length handling
+
+def resample(features: np.ndarray, length: int = 256) -> tuple[np.ndarray, int]:
+    """Training-time length handling: average into `length` bins if longer, else zero-pad.
+
+    Bin edges are int(linspace(0, T, length+1)) (spec §1.4); an empty bin copies its start row.
+    Returns the (length, D) array and the true length (min(T, length)).
+    """
+    num_rows, dim = features.shape
+    if num_rows <= length:
+        out = np.zeros((length, dim), dtype=features.dtype)
+        out[:num_rows] = features
+        return out, num_rows
+    edges = np.linspace(0, num_rows, length + 1).astype(np.int32)
+    starts, ends = edges[:-1], edges[1:]
+    sums = np.add.reduceat(features.astype(np.float64), starts, axis=0)  # (length, D)
+    counts = ends - starts
+    empty = counts == 0  # never when num_rows > length; kept for the reference's fallback
+    counts = np.maximum(counts, 1)[:, None]
+    out = sums / counts
+    out[empty] = features[starts[empty]]
+    return out.astype(features.dtype), length
+
+
+def split_chunks(features: np.ndarray, length: int = 256) -> tuple[np.ndarray, int]:
+    """Test-time chunking into consecutive `length`-row chunks, the last zero-padded.
+
+    Returns (n, length, D) with n = ceil(T / length) and the true length T. Unlike the
+    reference, no all-padding chunk is added when T is a multiple of `length` (Q-D3).
+    """
+    num_rows, dim = features.shape
+    num_chunks = max(1, -(-num_rows // length))
+    out = np.zeros((num_chunks * length, dim), dtype=features.dtype)
+    out[:num_rows] = features
+    return out.reshape(num_chunks, length, dim), num_rows
+
+
+def chunk_lengths(num_rows: int, length: int = 256) -> np.ndarray:
+    """Valid rows in each chunk produced by `split_chunks`."""
+    num_chunks = max(1, -(-num_rows // length))
+    return np.minimum(length, num_rows - length * np.arange(num_chunks)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- lists
+
+@dataclass(frozen=True)
+class VideoList:
+    """One CSV list, re-rooted: a row per (video, crop) feature file."""
+
+    paths: tuple[Path, ...]
+    labels: tuple[str, ...]
+    videos: tuple[str, ...]  # video name of each row (file name without the crop suffix)
+    targets: np.ndarray  # (N, C) float32 multi-hot
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_list(csv_path: Path, feature_root: Path, spec: DatasetSpec) -> VideoList:
+    """Read a `path,label` list; keep the last `spec.path_components` of each path."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(
+            f"feature list {csv_path} not found; set data.list_dir to the folder holding "
+            f"{spec.train_list} and {spec.test_list} (VadCLIP's list/ folder)"
+        )
+    with csv_path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        rows = [r for r in reader if r]
+    if header is None or [h.strip() for h in header[:2]] != ["path", "label"]:
+        raise ValueError(f"{csv_path}: the header must be 'path,label', found {header}")
+    if not rows:
+        raise ValueError(f"{csv_path}: the list has a header but no rows")
+    paths, labels, videos = [], [], []
+    targets = np.zeros((len(rows), spec.num_classes), dtype=np.float32)
+    for i, row in enumerate(rows):
+        if len(row) < 2:
+            raise ValueError(f"{csv_path}, row {i + 2}: expected 'path,label', got {row}")
+        raw_path, label = row[0].strip(), row[1].strip()
+        parts = Path(raw_path.replace("\\", "/")).parts[-spec.path_components:]
+        try:
+            targets[i, list(spec.parse_label(label))] = 1.0
+        except ValueError as exc:
+            raise ValueError(f"{csv_path}, row {i + 2}: {exc}") from exc
+        paths.append(feature_root.joinpath(*parts))
+        labels.append(label)
+        videos.append(_video_name(parts[-1]))
+    return VideoList(tuple(paths), tuple(labels), tuple(videos), targets)
+
+
+def _video_name(file_name: str) -> str:
+    stem = file_name[:-4] if file_name.endswith(".npy") else file_name
+    head, sep, crop = stem.rpartition("__")
+    return head if sep and crop.isdigit() else stem
+
+
+def load_feature_file(path: Path, width: int) -> np.ndarray:
+    """One `.npy` of shape (T, width), checked; float32."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"feature file {path} not found; check data.feature_root (list paths keep their "
+            f"last components and are joined to it)"
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"feature file {path} cannot be read as .npy ({exc}); "
+                         f"re-extract or re-copy it") from exc
+    if array.ndim != 2 or array.shape[1] != width or array.shape[0] == 0:
+        raise ValueError(f"feature file {path}: shape {array.shape}, expected (T>=1, {width}) "
+                         f"CLIP ViT-B/16 features (model.visual_width={width})")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise ValueError(f"feature file {path} holds NaN or inf values; re-extract it")
+    return array
+
+
+# ---------------------------------------------------------------------------- ground truth
+
+def read_annotation(path: Path, spec: DatasetSpec) -> dict[str, list[tuple[int, int]]]:
+    """Binary temporal annotation: {video: [(start, end) frames]}."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} not found; it ships with the lists "
+                                f"({spec.annotation}); set data.list_dir to its folder")
+    out: dict[str, list[tuple[int, int]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        name = tokens[0].removesuffix(".mp4")
+        values = tokens[1:] if spec.annotation_format == "xd" else tokens[2:]
+        try:
+            bounds = [int(v) for v in values]
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: frame bounds must be integers") from exc
+        if len(bounds) % 2:
+            raise ValueError(f"{path}, line {number}: an odd number of frame bounds")
+        out[name] = [(s, e) for s, e in zip(bounds[::2], bounds[1::2]) if s != -1]
+    return out
+
+
+def frame_ground_truth(videos: list[str], lengths: np.ndarray, normal: np.ndarray,
+                       annotation: dict[str, list[tuple[int, int]]],
+                       frames_per_snippet: int) -> np.ndarray:
+    """Concatenated 0/1 frame vector of length Σ frames_per_snippet·T_v (spec §1.6).
+
+    Annotated intervals are half-open and cut at the video's last frame.
+    """
+    total = int(lengths.sum()) * frames_per_snippet
+    gt = np.zeros(total, dtype=np.float32)
+    start = 0
+    for name, num_rows, is_normal in zip(videos, lengths, normal):
+        num_frames = int(num_rows) * frames_per_snippet
+        if not is_normal:
+            if name not in annotation:
+                raise ValueError(f"anomalous test video {name!r} has no line in the annotation "
+                                 f"file; the list and the annotation do not belong together")
+            for s, e in annotation[name]:
+                gt[start + min(s, num_frames): start + min(e, num_frames)] = 1.0
+        start += num_frames
+    return gt
+
+
+def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int
+                     ) -> tuple[list, list]:
+    """The shipped gt_segment / gt_label object arrays, checked against the test list length."""
+    arrays = []
+    for name in (spec.gt_segments, spec.gt_labels):
+        path = list_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; it ships with the VadCLIP lists; set "
+                                    f"data.list_dir to its folder")
+        arrays.append(list(np.load(path, allow_pickle=True)))
+    segments, labels = arrays
+    for name, values in ((spec.gt_segments, segments), (spec.gt_labels, labels)):
+        if len(values) != num_videos:
+            raise ValueError(f"{list_dir / name}: {len(values)} entries but the test list "
+                             f"{spec.test_list} has {num_videos} videos; they must be in step")
+    return segments, labels
+
+
+# ---------------------------------------------------------------------------- splits
+
+def split_by_video(videos: tuple[str, ...], targets: np.ndarray, fraction: float, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, val): whole videos go to one side, stratified by class set, seeded."""
+    names, first, inverse = np.unique(np.asarray(videos), return_index=True,
+                                      return_inverse=True)
+    video_keys = [tuple(np.flatnonzero(targets[i])) for i in first]  # class set per video
+    rng = np.random.default_rng(seed)
+    val_videos = []
+    for key in sorted(set(video_keys)):
+        members = np.flatnonzero([k == key for k in video_keys])
+        rng.shuffle(members)
+        take = int(round(fraction * len(members)))
+        val_videos.extend(members[:take].tolist())
+    is_val = np.isin(inverse, np.asarray(val_videos, dtype=np.int64))
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# ---------------------------------------------------------------------------- batches
+
+@dataclass(frozen=True)
+class Batch:
+    features: np.ndarray  # (B, T, D) float32
+    lengths: np.ndarray  # (B,) int64
+    targets: np.ndarray  # (B, C) float32 multi-hot
+
+
+def epoch_batches(rows: np.ndarray, targets: np.ndarray, sampling: str, batch_size: int,
+                  seed: int, epoch: int) -> list[np.ndarray]:
+    """Row-index batches of one epoch, a pure function of (seed, epoch) so resume is exact.
+
+    "mixed": one shuffled pass, last batch kept (XD). "paired": normal and anomalous rows
+    shuffled apart, full batches only, each step = [normal half; anomalous half] (UCF).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if sampling == "mixed":
+        order = rng.permutation(rows)
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    normal = rng.permutation(rows[targets[rows, 0] == 1])
+    anomalous = rng.permutation(rows[targets[rows, 0] == 0])
+    steps = min(len(normal), len(anomalous)) // batch_size
+    if steps == 0:
+        raise ValueError(f"paired sampling needs at least train.batch_size={batch_size} normal "
+                         f"and anomalous training rows; found {len(normal)} and {len(anomalous)}")
+    return [np.concatenate([normal[i * batch_size:(i + 1) * batch_size],
+                            anomalous[i * batch_size:(i + 1) * batch_size]])
+            for i in range(steps)]
+
+
+def iterate_batches(features: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
+                    batches: list[np.ndarray]) -> Iterator[Batch]:
+    """Gather each batch from the (memory-mapped) fixed-length cache, in sorted row order."""
+    for rows in batches:
+        order = np.argsort(rows, kind="stable")  # sequential reads from the memory map
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        gathered = np.asarray(features[rows[order]])[inverse]
+        yield Batch(gathered, lengths[rows].astype(np.int64), targets[rows])

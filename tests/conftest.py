@@ -1,0 +1,60 @@
+"""Shared fixtures: paths to ../shared, and a tiny VadCLIP-format tree written to tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+REAL_DATA = SHARED / "data"
+
+
+def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Path]:
+    """A minimal XD-format tree: 4 train videos x 10 crops, 3 test videos, gt files.
+
+    Train: two anomalous (B1-0-0, B2-G-0) and two normal; test: one anomalous, two normal.
+    """
+    rng = np.random.default_rng(seed)
+    feats, lists = root / "features", root / "lists"
+    feats.mkdir(parents=True)
+    lists.mkdir(parents=True)
+    train = [("fightA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 300),
+             ("boomB__#00-00-00_00-01-00_label_B2-G-0", "B2-G-0", 40),
+             ("calmC__#00-00-00_00-01-00_label_A", "A", 120),
+             ("calmD__#00-00-00_00-01-00_label_A", "A", 80)]
+    rows = ["path,label"]
+    for name, label, length in train:
+        for crop in range(10):
+            file = f"{name}__{crop}.npy"
+            np.save(feats / file, rng.normal(size=(length + crop, width)).astype(np.float32))
+            rows.append(f"/elsewhere/XDTrainClipFeatures/{file},{label}")
+    (lists / "xd_CLIP_rgb.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    test = [("testA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 520),
+            ("testN__#00-00-00_00-01-00_label_A", "A", 100),
+            ("testM__#00-00-00_00-01-00_label_A", "A", 256)]
+    rows = ["path,label"]
+    for name, label, length in test:
+        file = f"{name}__0.npy"
+        np.save(feats / file, rng.normal(size=(length, width)).astype(np.float32))
+        rows.append(f"/elsewhere/XDTestClipFeatures/{file},{label}")
+    (lists / "xd_CLIP_rgbtest.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    segments = np.empty(3, dtype=object)
+    segments[:] = [[["32", "160"], ["4000", "9000"]], [[0, 1600]], [[0, 4096]]]
+    labels = np.empty(3, dtype=object)
+    labels[:] = [["B1", "B1"], ["A"], ["A"]]
+    np.save(lists / "gt_segment.npy", segments, allow_pickle=True)
+    np.save(lists / "gt_label.npy", labels, allow_pickle=True)
+    (lists / "annotations.txt").write_text(f"{test[0][0]} 32 160 4000 9000\n")
+    return {"features": feats, "lists": lists, "cache": root / "cache"}
+
+
+@pytest.fixture
+def tiny_tree(tmp_path: Path) -> dict[str, Path]:
+    return write_tiny_tree(tmp_path / "tiny")
