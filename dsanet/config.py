@@ -1,7 +1,7 @@
 """Typed, frozen experiment configuration: YAML + dotted overrides, validated once at load time.
 
 This is the only place defaults live. Defaults are the DSANet XD-Violence settings of the
-official code (spec §4, §6); `configs/ucf.yaml` changes what differs for UCF-Crime.
+official code (spec §4, §6); `dsanet/configs/ucf.yaml` changes what differs for UCF-Crime.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Any, Literal
 import yaml
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown field or holds a bad value."""
 
@@ -32,7 +35,6 @@ class DataConfig:
     protocol: Literal["validation", "reference"] = "validation"
     val_fraction: float = 0.1  # of the training videos, stratified by class
     split_seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,10 @@ _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
     ("data.val_fraction", lambda c: 0.0 <= c.data.val_fraction < 1.0
      and (c.data.protocol == "reference" or c.data.val_fraction > 0),
      "in (0, 1) for protocol 'validation' (0 is allowed only with protocol 'reference')"),
-    ("data.num_workers", lambda c: c.data.num_workers >= 0, ">= 0"),
+    ("train.select_metric", lambda c: c.train.select_metric != "map_avg"
+     or c.data.protocol == "reference",
+     "'ap' or 'auc' under protocol 'validation' (the validation split has video labels only; "
+     "segment mAP needs the test set's segments, i.e. protocol 'reference')"),
     ("eval.temperature", lambda c: c.eval.temperature > 0, "> 0"),
     ("eval.iou_thresholds", lambda c: len(c.eval.iou_thresholds) > 0
      and all(0 < t <= 1 for t in c.eval.iou_thresholds), "a non-empty list of values in (0, 1]"),
@@ -355,6 +360,8 @@ def load_config(path: str | Path | None = None,
     source = "defaults"
     if path is not None:
         path = Path(path)
+        if not path.suffix and not path.exists():  # a shipped config by name: xd, ucf, demo
+            path = CONFIG_DIR / f"{path}.yaml"
         tree = _read_tree(path, seen=())
         source = str(path)
     cfg = from_dict(tree, source)
@@ -373,7 +380,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass an existing YAML file "
-                                f"(examples are in configs/)")
+                                f"(examples are in dsanet/configs/)")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -44,12 +44,6 @@ class DataBundle:
     val_rows: np.ndarray  # row indices held out for model selection (empty: reference protocol)
     test: TestSet
 
-    @property
-    def val_videos(self) -> np.ndarray:
-        """Video id of each validation row (rows of one video share it)."""
-        names = np.asarray(self.train_list.videos)[self.val_rows]
-        return np.unique(names, return_inverse=True)[1]
-
 
 def resolve_paths(cfg: DataConfig, spec: DatasetSpec) -> tuple[Path, Path, Path, Path]:
     """(list_dir, feature_root, test_feature_root, cache_dir), checked to exist."""

@@ -19,12 +19,12 @@ def test_defaults_are_valid_and_frozen():
 
 @pytest.mark.parametrize("name", ["xd", "ucf"])
 def test_shipped_configs_load(name):
-    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    cfg = load_config(REPO / "dsanet" / "configs" / f"{name}.yaml")
     assert cfg.data.dataset == name
 
 
 def test_overrides_from_strings_and_mapping():
-    cfg = load_config(REPO / "configs" / "ucf.yaml",
+    cfg = load_config(REPO / "dsanet" / "configs" / "ucf.yaml",
                       ["model.num_prototypes=32", "optim.lr=3e-5", "optim.milestones=[4, 8]"])
     assert cfg.model.num_prototypes == 32 and cfg.optim.lr == 3e-5
     assert cfg.optim.milestones == (4, 8) and cfg.model.visual_layers == 2
@@ -83,7 +83,7 @@ def test_bad_configs_fail_with_field_and_fix(tmp_path, case):
 
 
 def test_missing_config_file():
-    with pytest.raises(FileNotFoundError, match="configs/"):
+    with pytest.raises(FileNotFoundError, match="dsanet/configs/"):
         load_config(Path("/nonexistent/x.yaml"))
 
 
