@@ -1,0 +1,546 @@
+"""Search-space files: shipped spaces load, every bad file gets one clear error, sampling works."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from dsanet.config import flatten, load_config
+from tune.space import (
+    SPACE_DIR,
+    SpaceError,
+    load_space,
+    optuna_distributions,
+    reportable_metrics,
+    sample,
+    trial_config,
+)
+
+SEARCH = {
+    "optim.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+    "model.use_sgnm": [True, False],
+    "model.num_prototypes": {"choices": [4, 8, 16], "condition": {"model.use_sgnm": True}},
+    "model.decoder_depth": {"type": "int", "low": 2, "high": 6, "step": 2},
+    "model.attn_window": [16, 32, 64],
+    "loss.label_smoothing": {"low": 0.0, "high": 0.2},
+}
+GOOD = {
+    "base": "demo",
+    "search": SEARCH,
+    "metric": "val_ap",
+    "mode": "max",
+    "searcher": {"kind": "tpe", "seed": 0, "n_startup_trials": 3},
+    "scheduler": {"kind": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+    "num_samples": 4,
+}
+
+
+def write(folder: Path, tree: dict[str, Any], name: str = "space.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def with_search(**params: Any) -> dict[str, Any]:
+    """SEARCH with some parameters replaced or added (dots written as __)."""
+    return {"search": {**SEARCH, **{k.replace("__", "."): v for k, v in params.items()}}}
+
+
+# ---------------------------------------------------------------------------- shipped spaces
+
+SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
+
+
+def test_expected_spaces_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {
+        "demo",
+        "xd",
+        "ucf",
+        "ablation_xd_all",
+        "ablation_xd_adapter",
+        "ablation_xd_adapter_sgnm",
+        "ablation_xd_adapter_dcsa",
+        "ablation_xd_vadclip",
+    } <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_space_loads_and_validates(path: Path):
+    spec = load_space(path)
+    assert spec.name == path.stem
+    assert spec.metric[0] in reportable_metrics(spec.base)
+    assert spec.scheduler.kind == "asha" and spec.scheduler.max_t <= spec.base.train.epochs
+    assert set(optuna_distributions(spec)) == {p.name for p in spec.params}
+    # the paper's settings first: every searched field at its base value
+    base = flatten(spec.base)
+    assert spec.points_to_evaluate[0] == {p.name: base[p.name] for p in spec.params}
+    assert Path(spec.storage_path).is_absolute()
+
+
+def test_paper_points_are_the_spec_defaults():
+    xd = load_space("xd").points_to_evaluate[0]
+    assert xd == {
+        "optim.lr": 1e-5,
+        "model.num_prototypes": 16,
+        "model.normal_ratio": 0.8,
+        "text.adapt_layers": 1,
+        "text.adapter_weight": 0.6,
+        "eval.temperature": 1.0,
+        "loss.w_align": 5.0,
+        "loss.w_mil": 1.0,
+        "loss.w_sep": 1.0,
+        "loss.w_event": 1.0,
+        "loss.w_bkg": 1.0,
+        "loss.w_cons": 1.0,
+        "loss.w_gather": 1.0,
+        "loss.label_smoothing": 0.1,
+        "model.decoder_depth": 8,
+        "model.extractor_depth": 1,
+        "model.attn_window": 64,
+        "model.visual_layers": 1,
+        "model.pool_scale": 10.0,
+        "train.batch_size": 96,
+    }
+    ucf = load_space("ucf").points_to_evaluate[0]
+    assert {
+        k: ucf[k]
+        for k in (
+            "optim.lr",
+            "text.adapt_layers",
+            "text.adapter_weight",
+            "eval.temperature",
+            "loss.w_align",
+            "model.attn_window",
+            "model.visual_layers",
+            "train.batch_size",
+        )
+    } == {
+        "optim.lr": 7e-5,
+        "text.adapt_layers": 3,
+        "text.adapter_weight": 0.1,
+        "eval.temperature": 5.0,
+        "loss.w_align": 1.1,
+        "model.attn_window": 8,
+        "model.visual_layers": 2,
+        "train.batch_size": 64,
+    }
+
+
+def test_demo_space():
+    spec = load_space("demo")  # by name, like load_config
+    assert spec.synthetic is not None and spec.synthetic.preset == "xd-mini"
+    assert (spec.scheduler.max_t, spec.num_samples, spec.max_concurrent) == (4, 8, 2)
+    assert spec.resources.gpu == 0 and spec.searcher.kind == "tpe"
+
+
+@pytest.mark.parametrize(
+    ("row", "sgnm", "dcsa", "w_align", "searched_weights"),
+    [
+        ("all", True, True, 5.0, {"w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather"}),
+        ("adapter", False, False, 1.0, {"w_align", "w_sep"}),
+        ("adapter_sgnm", True, False, 5.0, {"w_align", "w_sep", "w_cons", "w_gather"}),
+        ("adapter_dcsa", False, True, 1.0, {"w_align", "w_sep", "w_event", "w_bkg"}),
+        ("vadclip", False, False, 1.0, {"w_align", "w_sep"}),
+    ],
+)
+def test_ablation_rows(
+    row: str, sgnm: bool, dcsa: bool, w_align: float, searched_weights: set[str]
+):
+    spec = load_space(f"ablation_xd_{row}")
+    cfg = spec.base
+    assert (cfg.model.use_sgnm, cfg.loss.use_dcsa, cfg.loss.w_align) == (sgnm, dcsa, w_align)
+    names = {p.name for p in spec.params}
+    assert names == {"optim.lr"} | {f"loss.{w}" for w in searched_weights}
+
+
+def test_vadclip_row_switches():
+    cfg = load_space("ablation_xd_vadclip").base
+    assert (cfg.text.mode, cfg.text.normalize, cfg.eval.class_probs) == ("coop", False, "softmax")
+    assert (cfg.optim.schedule, cfg.optim.milestones, cfg.optim.lr) == (
+        "multistep",
+        (3, 6, 10),
+        1e-5,
+    )
+    assert cfg.loss.w_sep == 1e-4
+
+
+# ---------------------------------------------------------------------------- bad files
+
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "unknown-parameter",
+        with_search(model__num_prototype=[4, 8]),
+        r"search\.model\.num_prototype: 'model\.num_prototype' is not an ExperimentConfig field; "
+        r"did you mean \['model\.num_prototypes'\]\? valid: \[",
+    ),
+    (
+        "empty-range",
+        with_search(optim__lr={"low": 1e-4, "high": 1e-4}),
+        r"search\.optim\.lr: empty range",
+    ),
+    (
+        "inverted-range",
+        with_search(optim__lr={"low": 1e-3, "high": 1e-5}),
+        r"search\.optim\.lr: inverted range: low 0\.001 > high 1e-05; swap them",
+    ),
+    (
+        "log-range-not-positive",
+        with_search(optim__lr={"low": 0, "high": 1e-3, "log": True}),
+        r"search\.optim\.lr\.low: a log range needs low > 0",
+    ),
+    (
+        "empty-categorical",
+        with_search(model__num_prototypes={"choices": []}),
+        r"search\.model\.num_prototypes\.choices: \[\]: give a non-empty list",
+    ),
+    (
+        "choice-the-config-rejects",
+        with_search(model__attn_window=[32, 60]),
+        r"search\.model\.attn_window\.choices: 60 is rejected by the config \(.*divisor of "
+        r"model\.visual_length",
+    ),
+    (
+        "int-range-the-config-rejects",
+        with_search(model__attn_window={"type": "int", "low": 16, "high": 64}),
+        r"search\.model\.attn_window: 17 is rejected by the config",
+    ),
+    (
+        "float-out-of-config-range",
+        with_search(model__normal_ratio={"low": 0.0, "high": 0.9}),
+        r"search\.model\.normal_ratio: 0\.0 is rejected by the config \(.*in \(0, 1\]",
+    ),
+    (
+        "wrong-type-for-field",
+        with_search(model__num_prototypes={"type": "float", "low": 2, "high": 8}),
+        r"search\.model\.num_prototypes\.type: float does not fit",
+    ),
+    (
+        "field-that-cannot-be-searched",
+        with_search(train__epochs=[2, 4]),
+        r"search\.train\.epochs: cannot be searched",
+    ),
+    (
+        "condition-on-missing-parameter",
+        with_search(model__num_prototypes={"choices": [4], "condition": {"loss.use_dcsa": True}}),
+        r"search\.model\.num_prototypes\.condition: tests 'loss\.use_dcsa', which is not another "
+        r"searched parameter; add it to search",
+    ),
+    (
+        "condition-value-never-chosen",
+        with_search(model__num_prototypes={"choices": [4], "condition": {"model.use_sgnm": 3}}),
+        r"search\.model\.num_prototypes\.condition: \[3\] is never chosen",
+    ),
+    (
+        "metric-never-reported",
+        {"metric": "val_map"},
+        r"metric: the trainer never reports 'val_map' under data\.protocol 'validation'.*"
+        r"val_ap",
+    ),
+    (
+        "test-metric-under-validation-protocol",
+        {"metric": "test_map_avg"},
+        r"metric: the trainer never reports 'test_map_avg'",
+    ),
+    (
+        "metric-mode-lengths-differ",
+        {"metric": ["val_ap", "val_auc"], "mode": "max"},
+        r"mode: 2 metric\(s\) \['val_ap', 'val_auc'\] but mode 'max'; give one mode",
+    ),
+    ("bad-mode", {"mode": "maximize"}, r"mode: 'maximize' for val_ap: use max or min"),
+    ("loss-maximised", {"metric": "loss_total", "mode": "max"}, r"mode: 'max' for loss_total"),
+    (
+        "unknown-searcher",
+        {"searcher": {"kind": "cmaes"}},
+        r"searcher\.kind: unknown searcher 'cmaes'; use tpe",
+    ),
+    ("unknown-scheduler", {"scheduler": "hyperband"}, r"scheduler\.kind: unknown scheduler"),
+    (
+        "max-t-above-epochs",
+        {"scheduler": {"kind": "asha", "max_t": 5}},
+        r"scheduler\.max_t: 5 epochs is more than train\.epochs = 4 of the base config",
+    ),
+    (
+        "grace-above-max-t",
+        {"scheduler": {"max_t": 2, "grace_period": 3}},
+        r"scheduler\.grace_period: 3 is more than max_t = 2",
+    ),
+    (
+        "reduction-factor-not-above-1",
+        {"scheduler": {"reduction_factor": 1}},
+        r"scheduler\.reduction_factor: 1 must be > 1",
+    ),
+    (
+        "unknown-top-level-key",
+        {"serach": {}},
+        r"serach: unknown key; did you mean 'search'\? valid keys",
+    ),
+    (
+        "unknown-param-key",
+        with_search(optim__lr={"low": 1e-5, "hihg": 1e-3}),
+        r"search\.optim\.lr\.hihg: unknown key; did you mean 'high'",
+    ),
+    ("negative-cpu", {"resources": {"cpu": -1}}, r"resources: cpu -1 and gpu 0"),
+    ("negative-gpu", {"resources": {"cpu": 1, "gpu": -0.5}}, r"resources: cpu 1 and gpu -0\.5"),
+    (
+        "gpu-for-a-cpu-config",
+        {"resources": {"cpu": 1, "gpu": 0.5}},
+        r"resources\.gpu: 0\.5 GPUs per trial but train\.device is 'cpu'",
+    ),
+    (
+        "point-outside-range",
+        {"points_to_evaluate": [{"optim.lr": 0.01}]},
+        r"points_to_evaluate\[0\]\.optim\.lr: 0\.01 lies outside the search space",
+    ),
+    (
+        "point-off-the-step-grid",
+        {"points_to_evaluate": [{"model.decoder_depth": 3}]},
+        r"points_to_evaluate\[0\]\.model\.decoder_depth: 3 lies outside the search space "
+        r"\[2, 6\] in steps of 2",
+    ),
+    (
+        "step-not-dividing-the-range",
+        with_search(model__decoder_depth={"type": "int", "low": 2, "high": 7, "step": 2}),
+        r"search\.model\.decoder_depth\.step: high - low = 5 is not a multiple of 2",
+    ),
+    (
+        "point-on-unsearched-field",
+        {"points_to_evaluate": [{"optim.gamma": 0.5}]},
+        r"points_to_evaluate\[0\]\.optim\.gamma: is not searched",
+    ),
+    (
+        "point-against-its-condition",
+        {"points_to_evaluate": [{"model.use_sgnm": False, "model.num_prototypes": 4}]},
+        r"points_to_evaluate\[0\]\.model\.num_prototypes: is given but its condition",
+    ),
+    (
+        "base-point-outside-range",
+        {**with_search(optim__lr={"low": 1e-3, "high": 1e-2}), "points_to_evaluate": ["base"]},
+        r"points_to_evaluate\[0\]\.optim\.lr: 0\.0001 lies outside",
+    ),
+    (
+        "too-few-samples-for-points",
+        {"num_samples": 1, "points_to_evaluate": ["base", "base"]},
+        r"num_samples: 1 is fewer than the 2 points_to_evaluate",
+    ),
+    ("unknown-base-config", {"base": "nosuch"}, r"base: config file .*nosuch\.yaml not found"),
+    (
+        "unknown-override-field",
+        {"overrides": {"model.num_protos": 4}},
+        r"overrides\.model\.num_protos: unknown field 'model\.num_protos'",
+    ),
+    (
+        "override-the-config-rejects",
+        {"overrides": {"model.attn_window": 60}},
+        r"overrides\.model\.attn_window: invalid values",
+    ),
+    (
+        "file-store-tracking-uri",
+        {"mlflow": {"tracking_uri": "./mlruns"}},
+        r"mlflow\.tracking_uri: './mlruns': use sqlite:///",
+    ),
+    (
+        "unknown-synthetic-preset",
+        {"synthetic": {"preset": "xd-tiny"}},
+        r"synthetic\.preset: 'xd-tiny' is not a preset",
+    ),
+    (
+        "synthetic-preset-of-other-dataset",
+        {"synthetic": {"preset": "ucf-mini"}},
+        r"synthetic\.preset: ucf-mini generates 'ucf' data",
+    ),
+]
+
+
+@pytest.mark.parametrize(("update", "match"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_space_gets_one_clear_error(tmp_path: Path, update: dict[str, Any], match: str):
+    path = write(tmp_path, {**copy.deepcopy(GOOD), **copy.deepcopy(update)})
+    with pytest.raises(SpaceError, match=match) as info:
+        load_space(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_good_space_loads(tmp_path: Path):
+    spec = load_space(write(tmp_path, GOOD))
+    assert [p.name for p in spec.params][:3] == [
+        "optim.lr",
+        "model.use_sgnm",
+        "model.num_prototypes",
+    ]
+    assert spec.metric == ("val_ap",) and spec.mode == ("max",)
+
+
+def test_yaml_syntax_error(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("base: demo\nsearch: {optim.lr: [1, 2\n")
+    with pytest.raises(SpaceError, match=r"broken\.yaml: not valid YAML; fix the syntax"):
+        load_space(path)
+
+
+def test_missing_space_file_lists_the_shipped_ones(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"shipped space \[.*'demo'"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_shorthands_and_inline_base(tmp_path: Path):
+    tree = {
+        **GOOD,
+        "base": {"model": {"visual_length": 128, "attn_window": 32}, "train": {"epochs": 3}},
+        "search": {
+            "model.num_prototypes": {"type": "log", "low": 2, "high": 64},
+            "text.mode": ["adapter", "coop"],
+        },
+        "scheduler": "none",
+        "searcher": "random",
+    }
+    spec = load_space(write(tmp_path, tree))
+    k = spec.params[0]
+    assert (k.kind, k.log, k.low, k.high) == ("int", True, 2, 64)
+    assert spec.params[1].choices == ("adapter", "coop")
+    assert (spec.scheduler.kind, spec.searcher.kind, spec.base.train.epochs) == (
+        "none",
+        "random",
+        3,
+    )
+    assert spec.base_ref["model"]["visual_length"] == 128
+
+
+def test_conditions_are_sampled_after_their_parent(tmp_path: Path):
+    search = {
+        "model.num_prototypes": SEARCH["model.num_prototypes"],
+        "model.use_sgnm": [True, False],
+    }
+    spec = load_space(write(tmp_path, {**GOOD, "search": search}))
+    assert [p.name for p in spec.params] == ["model.use_sgnm", "model.num_prototypes"]
+
+
+def test_condition_cycle(tmp_path: Path):
+    search = {
+        "model.use_sgnm": {"choices": [True], "condition": {"loss.use_dcsa": True}},
+        "loss.use_dcsa": {"choices": [True], "condition": {"model.use_sgnm": True}},
+    }
+    with pytest.raises(SpaceError, match=r"search: conditions form a cycle"):
+        load_space(write(tmp_path, {**GOOD, "search": search}))
+
+
+# ---------------------------------------------------------------------------- objectives
+
+
+def test_multi_objective_and_loss_default_mode(tmp_path: Path):
+    spec = load_space(write(tmp_path, {**GOOD, "metric": ["val_ap", "loss_total"], "mode": None}))
+    assert spec.metric == ("val_ap", "loss_total") and spec.mode == ("max", "min")
+
+
+def test_reference_protocol_reports_test_metrics(tmp_path: Path):
+    tree = {**GOOD, "overrides": {"data.protocol": "reference"}, "metric": "test_map_avg"}
+    assert load_space(write(tmp_path, tree)).metric == ("test_map_avg",)
+    reference = load_config("demo", {"data.protocol": "reference"})
+    assert {"test_auc", "test_ap", "test_map_iou10", "test_map_iou50", "test_map_avg"} <= set(
+        reportable_metrics(reference)
+    )
+    assert reportable_metrics(load_config("demo")) == ("val_ap", "val_auc", "val_class_acc")
+
+
+# ---------------------------------------------------------------------------- extends, overrides
+
+
+def test_extends_merges_blocks_and_null_removes(tmp_path: Path):
+    write(tmp_path, {**GOOD, "overrides": {"optim.gamma": 0.5}}, "parent.yaml")
+    child = {
+        "extends": "parent.yaml",
+        "overrides": {"loss.w_sep": 0.5},
+        "search": {"loss.label_smoothing": None, "loss.w_bkg": {"low": 0.1, "high": 3}},
+    }
+    spec = load_space(write(tmp_path, child, "child.yaml"))
+    names = [p.name for p in spec.params]
+    assert "loss.label_smoothing" not in names and names[-1] == "loss.w_bkg"
+    assert (spec.base.optim.gamma, spec.base.loss.w_sep) == (0.5, 0.5)
+    assert spec.name == "child" and spec.scheduler.max_t == 4
+
+
+def test_extends_errors(tmp_path: Path):
+    write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(SpaceError, match=r"extends: forms a cycle"):
+        load_space(tmp_path / "a.yaml")
+    with pytest.raises(SpaceError, match=r"c\.yaml: extends: .*missing\.yaml not found"):
+        load_space(write(tmp_path, {"extends": "missing.yaml"}, "c.yaml"))
+
+
+def test_command_line_overrides_and_relative_paths(tmp_path: Path):
+    path = write(tmp_path, {**GOOD, "overrides": {"data.feature_root": "feats"}})
+    spec = load_space(path, ["optim.gamma=0.5"])
+    assert spec.base.optim.gamma == 0.5
+    assert spec.base.data.feature_root == str(tmp_path / "feats")
+    with pytest.raises(SpaceError, match=r"overrides \(command line\)"):
+        load_space(path, ["optim.gama=0.5"])
+    with pytest.raises(SpaceError, match=r"scheduler\.max_t: 4 epochs is more than"):
+        load_space(path, {"train.epochs": 2})
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_sampling_honours_conditions_and_ranges(tmp_path: Path):
+    spec = load_space(write(tmp_path, GOOD))
+    dists = optuna_distributions(spec)
+    by_name = {p.name: p for p in spec.params}
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
+    )
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = sample(trial, spec)
+        assert ("model.num_prototypes" in values) == values["model.use_sgnm"]
+        dropped = set() if values["model.use_sgnm"] else {"model.num_prototypes"}
+        assert set(values) == set(by_name) - dropped
+        assert trial.distributions == {name: dists[name] for name in values}
+        for name, value in values.items():
+            assert by_name[name].contains(value), (name, value)
+        assert values["model.decoder_depth"] in (2, 4, 6)
+        seen.add(values["model.use_sgnm"])
+        study.tell(trial, values["loss.label_smoothing"])
+    assert seen == {True, False}
+
+
+def test_enqueued_points_are_sampled_first(tmp_path: Path):
+    spec = load_space(write(tmp_path, {**GOOD, "points_to_evaluate": ["base"]}))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for point in spec.points_to_evaluate:
+        study.enqueue_trial(point)
+    assert sample(study.ask(), spec) == spec.points_to_evaluate[0]
+
+
+def test_trial_config_applies_sampled_values(tmp_path: Path):
+    spec = load_space(write(tmp_path, GOOD))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
+    values = sample(trial, spec)
+    cfg = trial_config(spec, values)
+    flat, base = flatten(cfg), flatten(spec.base)
+    assert all(flat[name] == value for name, value in values.items())
+    assert all(flat[k] == v for k, v in base.items() if k not in values)
+
+
+def test_sample_plugs_into_ray_optuna_search():
+    """The runner's contract: define-by-run space, dotted names kept, the paper's point first."""
+    optuna_search = pytest.importorskip("ray.tune.search.optuna")  # no Ray cluster is started
+    spec = load_space("demo")
+    search = optuna_search.OptunaSearch(
+        space=lambda trial: sample(trial, spec),
+        metric=spec.metric[0],
+        mode=spec.mode[0],
+        points_to_evaluate=spec.points_to_evaluate,
+        sampler=optuna.samplers.TPESampler(seed=spec.searcher.seed),
+    )
+    assert search.suggest("first") == spec.points_to_evaluate[0]
+    search.on_trial_complete("first", {spec.metric[0]: 0.5})
+    second = search.suggest("second")
+    assert set(second) == {p.name for p in spec.params}
+    assert trial_config(spec, second).optim.lr == second["optim.lr"]
