@@ -45,37 +45,48 @@ class PackedTest:
         return np.diff(self.offsets)
 
     def video(self, index: int) -> np.ndarray:
-        return np.asarray(self.features[self.offsets[index]:self.offsets[index + 1]])
+        return np.asarray(self.features[self.offsets[index] : self.offsets[index + 1]])
 
 
 def cache_key(kind: str, videos: VideoList, length: int, width: int) -> str:
     """Digest of everything the packed arrays depend on."""
     digest = hashlib.sha256(f"{FORMAT_VERSION}|{kind}|{length}|{width}".encode())
-    for path, label in zip(videos.paths, videos.labels):
+    for path, label in zip(videos.paths, videos.labels, strict=False):
         try:
             stat = path.stat()
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 f"feature file {path} not found; check data.feature_root (list paths keep "
-                f"their last components and are joined to it)") from exc
+                f"their last components and are joined to it)"
+            ) from exc
         digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return f"{kind}-{digest.hexdigest()[:20]}"
 
 
 def open_train(cache_dir: Path, videos: VideoList, length: int, width: int) -> PackedTrain:
     """Open (building first if needed) the fixed-length training cache."""
-    folder = _ensure(cache_dir, cache_key("train", videos, length, width),
-                     lambda tmp: _build_train(tmp, videos, length, width))
-    return PackedTrain(np.load(folder / "features.npy", mmap_mode="r"),
-                       np.load(folder / "lengths.npy"), np.load(folder / "targets.npy"))
+    folder = _ensure(
+        cache_dir,
+        cache_key("train", videos, length, width),
+        lambda tmp: _build_train(tmp, videos, length, width),
+    )
+    return PackedTrain(
+        np.load(folder / "features.npy", mmap_mode="r"),
+        np.load(folder / "lengths.npy"),
+        np.load(folder / "targets.npy"),
+    )
 
 
 def open_test(cache_dir: Path, videos: VideoList, width: int) -> PackedTest:
     """Open (building first if needed) the ragged test cache."""
-    folder = _ensure(cache_dir, cache_key("test", videos, 0, width),
-                     lambda tmp: _build_test(tmp, videos, width))
-    return PackedTest(np.load(folder / "features.npy", mmap_mode="r"),
-                      np.load(folder / "offsets.npy"), np.load(folder / "targets.npy"))
+    folder = _ensure(
+        cache_dir, cache_key("test", videos, 0, width), lambda tmp: _build_test(tmp, videos, width)
+    )
+    return PackedTest(
+        np.load(folder / "features.npy", mmap_mode="r"),
+        np.load(folder / "offsets.npy"),
+        np.load(folder / "targets.npy"),
+    )
 
 
 def _ensure(cache_dir: Path, key: str, build) -> Path:
@@ -85,8 +96,10 @@ def _ensure(cache_dir: Path, key: str, build) -> Path:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create the feature cache folder {cache_dir} ({exc}); set "
-                      f"data.cache_dir to a writable folder") from exc
+        raise OSError(
+            f"cannot create the feature cache folder {cache_dir} ({exc}); set "
+            f"data.cache_dir to a writable folder"
+        ) from exc
     # One builder per machine: others wait on the lock, then find the finished cache.
     with open(cache_dir / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -98,7 +111,9 @@ def _ensure(cache_dir: Path, key: str, build) -> Path:
         start = time.perf_counter()
         try:
             meta = build(tmp)
-            meta.update(format_version=FORMAT_VERSION, seconds=round(time.perf_counter() - start, 2))
+            meta.update(
+                format_version=FORMAT_VERSION, seconds=round(time.perf_counter() - start, 2)
+            )
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             os.replace(tmp, folder)
         finally:
@@ -108,8 +123,9 @@ def _ensure(cache_dir: Path, key: str, build) -> Path:
 
 
 def _build_train(folder: Path, videos: VideoList, length: int, width: int) -> dict:
-    out = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
-                                    shape=(len(videos), length, width))
+    out = np.lib.format.open_memmap(
+        folder / "features.npy", mode="w+", dtype=np.float32, shape=(len(videos), length, width)
+    )
     lengths = np.zeros(len(videos), dtype=np.int64)
     for i, path in enumerate(videos.paths):
         out[i], lengths[i] = resample(load_feature_file(path, width), length)
@@ -123,10 +139,11 @@ def _build_train(folder: Path, videos: VideoList, length: int, width: int) -> di
 def _build_test(folder: Path, videos: VideoList, width: int) -> dict:
     arrays = [load_feature_file(path, width) for path in videos.paths]
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
-    out = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
-                                    shape=(int(offsets[-1]), width))
-    for array, start in zip(arrays, offsets[:-1]):
-        out[start:start + len(array)] = array
+    out = np.lib.format.open_memmap(
+        folder / "features.npy", mode="w+", dtype=np.float32, shape=(int(offsets[-1]), width)
+    )
+    for array, start in zip(arrays, offsets[:-1], strict=False):
+        out[start : start + len(array)] = array
     out.flush()
     del out
     np.save(folder / "offsets.npy", offsets)

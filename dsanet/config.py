@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -155,25 +154,42 @@ class ExperimentConfig:
 # (field, test, what is allowed): cross-field and range rules, checked after types.
 _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
     ("model.visual_length", lambda c: c.model.visual_length >= 1, ">= 1"),
-    ("model.attn_window", lambda c: c.model.attn_window >= 1
-     and c.model.visual_length % c.model.attn_window == 0,
-     "a divisor of model.visual_length (e.g. 8, 16, 32, 64, 128 for 256)"),
+    (
+        "model.attn_window",
+        lambda c: c.model.attn_window >= 1 and c.model.visual_length % c.model.attn_window == 0,
+        "a divisor of model.visual_length (e.g. 8, 16, 32, 64, 128 for 256)",
+    ),
     ("model.visual_layers", lambda c: c.model.visual_layers >= 1, ">= 1"),
-    ("model.visual_heads", lambda c: c.model.visual_heads >= 1
-     and c.model.visual_width % c.model.visual_heads == 0, "a divisor of model.visual_width"),
-    ("model.sgnm_heads", lambda c: c.model.sgnm_heads >= 1
-     and c.model.visual_width % c.model.sgnm_heads == 0, "a divisor of model.visual_width"),
+    (
+        "model.visual_heads",
+        lambda c: c.model.visual_heads >= 1 and c.model.visual_width % c.model.visual_heads == 0,
+        "a divisor of model.visual_width",
+    ),
+    (
+        "model.sgnm_heads",
+        lambda c: c.model.sgnm_heads >= 1 and c.model.visual_width % c.model.sgnm_heads == 0,
+        "a divisor of model.visual_width",
+    ),
     ("model.num_prototypes", lambda c: c.model.num_prototypes >= 1, "an integer >= 1 (K)"),
-    ("model.normal_ratio", lambda c: 0.0 < c.model.normal_ratio <= 1.0
-     and int(c.model.visual_length * c.model.normal_ratio) >= 1, "in (0, 1] with M = int(T*ratio) >= 1"),
+    (
+        "model.normal_ratio",
+        lambda c: (
+            0.0 < c.model.normal_ratio <= 1.0
+            and int(c.model.visual_length * c.model.normal_ratio) >= 1
+        ),
+        "in (0, 1] with M = int(T*ratio) >= 1",
+    ),
     ("model.extractor_depth", lambda c: c.model.extractor_depth >= 1, ">= 1"),
     ("model.decoder_depth", lambda c: c.model.decoder_depth >= 1, ">= 1"),
     ("model.sim_threshold", lambda c: -1.0 <= c.model.sim_threshold <= 1.0, "in [-1, 1]"),
     ("model.align_temperature", lambda c: c.model.align_temperature > 0, "> 0"),
     ("model.distance_scale", lambda c: c.model.distance_scale > 0, "> 0"),
     ("text.layers", lambda c: 1 <= c.text.layers <= 12, "in [1, 12]"),
-    ("text.adapt_layers", lambda c: 0 <= c.text.adapt_layers <= c.text.layers,
-     "in [0, text.layers]"),
+    (
+        "text.adapt_layers",
+        lambda c: 0 <= c.text.adapt_layers <= c.text.layers,
+        "in [0, text.layers]",
+    ),
     ("text.adapter_weight", lambda c: 0.0 <= c.text.adapter_weight <= 1.0, "in [0, 1]"),
     ("text.template", lambda c: "{}" in c.text.template, "a string containing {}"),
     ("loss.label_smoothing", lambda c: 0.0 <= c.loss.label_smoothing < 1.0, "in [0, 1)"),
@@ -187,27 +203,48 @@ _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
     ("optim.sgnm_clip", lambda c: c.optim.sgnm_clip > 0, "> 0"),
     ("optim.sgnm_floor", lambda c: 0 <= c.optim.sgnm_floor <= 1, "in [0, 1]"),
     ("optim.gamma", lambda c: c.optim.gamma > 0, "> 0"),
-    ("optim.milestones", lambda c: all(m >= 1 for m in c.optim.milestones)
-     and list(c.optim.milestones) == sorted(set(c.optim.milestones)),
-     "increasing epoch numbers >= 1"),
-    ("optim.sgnm_schedule_steps_per_epoch", lambda c: c.optim.sgnm_schedule_steps_per_epoch >= 0,
-     ">= 0 (0 = the real steps per epoch)"),
+    (
+        "optim.milestones",
+        lambda c: (
+            all(m >= 1 for m in c.optim.milestones)
+            and list(c.optim.milestones) == sorted(set(c.optim.milestones))
+        ),
+        "increasing epoch numbers >= 1",
+    ),
+    (
+        "optim.sgnm_schedule_steps_per_epoch",
+        lambda c: c.optim.sgnm_schedule_steps_per_epoch >= 0,
+        ">= 0 (0 = the real steps per epoch)",
+    ),
     ("train.epochs", lambda c: c.train.epochs >= 1, ">= 1"),
     ("train.batch_size", lambda c: c.train.batch_size >= 1, ">= 1"),
     ("train.eval_every", lambda c: c.train.eval_every >= 0, ">= 0"),
     ("train.max_steps_per_epoch", lambda c: c.train.max_steps_per_epoch >= 0, ">= 0"),
-    ("train.device", lambda c: c.train.device in ("auto", "cpu", "cuda")
-     or c.train.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
-    ("data.val_fraction", lambda c: 0.0 <= c.data.val_fraction < 1.0
-     and (c.data.protocol == "reference" or c.data.val_fraction > 0),
-     "in (0, 1) for protocol 'validation' (0 is allowed only with protocol 'reference')"),
-    ("train.select_metric", lambda c: c.train.select_metric != "map_avg"
-     or c.data.protocol == "reference",
-     "'ap' or 'auc' under protocol 'validation' (the validation split has video labels only; "
-     "segment mAP needs the test set's segments, i.e. protocol 'reference')"),
+    (
+        "train.device",
+        lambda c: c.train.device in ("auto", "cpu", "cuda") or c.train.device.startswith("cuda:"),
+        "auto, cpu, cuda or cuda:N",
+    ),
+    (
+        "data.val_fraction",
+        lambda c: (
+            0.0 <= c.data.val_fraction < 1.0
+            and (c.data.protocol == "reference" or c.data.val_fraction > 0)
+        ),
+        "in (0, 1) for protocol 'validation' (0 is allowed only with protocol 'reference')",
+    ),
+    (
+        "train.select_metric",
+        lambda c: c.train.select_metric != "map_avg" or c.data.protocol == "reference",
+        "'ap' or 'auc' under protocol 'validation' (the validation split has video labels only; "
+        "segment mAP needs the test set's segments, i.e. protocol 'reference')",
+    ),
     ("eval.temperature", lambda c: c.eval.temperature > 0, "> 0"),
-    ("eval.iou_thresholds", lambda c: len(c.eval.iou_thresholds) > 0
-     and all(0 < t <= 1 for t in c.eval.iou_thresholds), "a non-empty list of values in (0, 1]"),
+    (
+        "eval.iou_thresholds",
+        lambda c: len(c.eval.iou_thresholds) > 0 and all(0 < t <= 1 for t in c.eval.iou_thresholds),
+        "a non-empty list of values in (0, 1]",
+    ),
 ]
 
 for _k in ("w_mil", "w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather", "bkg_off_mass"):
@@ -216,8 +253,11 @@ for _k in ("w_mil", "w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather"
 
 def validate(cfg: ExperimentConfig, source: str = "config") -> ExperimentConfig:
     """Check range and cross-field rules; raise one ConfigError listing every violation."""
-    problems = [f"{name}={_get(cfg, name)!r}: must be {allowed}"
-                for name, ok, allowed in _RULES if not ok(cfg)]
+    problems = [
+        f"{name}={_get(cfg, name)!r}: must be {allowed}"
+        for name, ok, allowed in _RULES
+        if not ok(cfg)
+    ]
     if problems:
         raise ConfigError(f"{source}: invalid values:\n  " + "\n  ".join(problems))
     return cfg
@@ -230,6 +270,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- (de)serialising
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain dict (tuples as lists), ready for YAML."""
@@ -265,15 +306,19 @@ def from_dict(tree: Mapping[str, Any], source: str = "config") -> ExperimentConf
 
 def _build(cls: type, tree: Mapping[str, Any], source: str, prefix: str) -> Any:
     if not isinstance(tree, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
-                          f"got {type(tree).__name__}")
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
+            f"got {type(tree).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(tree) - set(names))
     if unknown:
         where = prefix.rstrip(".") or "top level"
-        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} in {where}; "
-                          f"valid keys: {names}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {[prefix + k for k in unknown]} in {where}; "
+            f"valid keys: {names}"
+        )
     kwargs = {}
     for name in names:
         if name not in tree:
@@ -336,8 +381,9 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {name}")  # internal invariant
 
 
-def _apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str],
-                     source: str) -> None:
+def _apply_overrides(
+    tree: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str], source: str
+) -> None:
     if isinstance(overrides, Mapping):
         items = list(overrides.items())
     else:
@@ -345,24 +391,30 @@ def _apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any] | Sequen
         for text in overrides:
             key, sep, raw = text.partition("=")
             if not sep or not key:
-                raise ConfigError(f"{source}: {text!r} is not of the form section.field=value "
-                                  f"(e.g. model.num_prototypes=32)")
+                raise ConfigError(
+                    f"{source}: {text!r} is not of the form section.field=value "
+                    f"(e.g. model.num_prototypes=32)"
+                )
             items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
     valid = set(field_names())
     for key, value in items:
         parts = key.split(".")
         if key not in valid:
             close = sorted(v for v in valid if v.split(".")[-1] == parts[-1]) or sorted(
-                v for v in valid if v.startswith(parts[0] + "."))
-            raise ConfigError(f"{source}: unknown field {key!r}; "
-                              f"did you mean one of {close or sorted(valid)}?")
+                v for v in valid if v.startswith(parts[0] + ".")
+            )
+            raise ConfigError(
+                f"{source}: unknown field {key!r}; did you mean one of {close or sorted(valid)}?"
+            )
         tree.setdefault(parts[0], {})[parts[1]] = value
 
 
 # ---------------------------------------------------------------------------- files
 
-def load_config(path: str | Path | None = None,
-                overrides: Mapping[str, Any] | Sequence[str] = ()) -> ExperimentConfig:
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()
+) -> ExperimentConfig:
     """Load a YAML config (which may name a parent with `extends:`), apply overrides, validate.
 
     Relative paths in `data.*` are resolved against the config file's folder.
@@ -390,15 +442,19 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; pass an existing YAML file "
-                                f"(examples are in dsanet/configs/)")
+        raise FileNotFoundError(
+            f"config file {path} not found; pass an existing YAML file "
+            f"(examples are in dsanet/configs/)"
+        )
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections "
-                          f"(data, model, text, loss, optim, train, eval)")
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections "
+            f"(data, model, text, loss, optim, train, eval)"
+        )
     data = tree.get("data")
     if isinstance(data, dict):
         for key in _PATH_FIELDS:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- length handling
 
+
 def resample(features: np.ndarray, length: int = 256) -> tuple[np.ndarray, int]:
     """Training-time length handling: average into `length` bins if longer, else zero-pad.
 
@@ -64,6 +65,7 @@ def chunk_lengths(num_rows: int, length: int = 256) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- lists
 
+
 @dataclass(frozen=True)
 class VideoList:
     """One CSV list, re-rooted: a row per (video, crop) feature file."""
@@ -98,7 +100,7 @@ def read_list(csv_path: Path, feature_root: Path, spec: DatasetSpec) -> VideoLis
         if len(row) < 2:
             raise ValueError(f"{csv_path}, row {i + 2}: expected 'path,label', got {row}")
         raw_path, label = row[0].strip(), row[1].strip()
-        parts = Path(raw_path.replace("\\", "/")).parts[-spec.path_components:]
+        parts = Path(raw_path.replace("\\", "/")).parts[-spec.path_components :]
         try:
             targets[i, list(spec.parse_label(label))] = 1.0
         except ValueError as exc:
@@ -125,11 +127,14 @@ def load_feature_file(path: Path, width: int) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"feature file {path} cannot be read as .npy ({exc}); "
-                         f"re-extract or re-copy it") from exc
+        raise ValueError(
+            f"feature file {path} cannot be read as .npy ({exc}); re-extract or re-copy it"
+        ) from exc
     if array.ndim != 2 or array.shape[1] != width or array.shape[0] == 0:
-        raise ValueError(f"feature file {path}: shape {array.shape}, expected (T>=1, {width}) "
-                         f"CLIP ViT-B/16 features (model.visual_width={width})")
+        raise ValueError(
+            f"feature file {path}: shape {array.shape}, expected (T>=1, {width}) "
+            f"CLIP ViT-B/16 features (model.visual_width={width})"
+        )
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ValueError(f"feature file {path} holds NaN or inf values; re-extract it")
@@ -138,11 +143,14 @@ def load_feature_file(path: Path, width: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- ground truth
 
+
 def read_annotation(path: Path, spec: DatasetSpec) -> dict[str, list[tuple[int, int]]]:
     """Binary temporal annotation: {video: [(start, end) frames]}."""
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found; it ships with the lists "
-                                f"({spec.annotation}); set data.list_dir to its folder")
+        raise FileNotFoundError(
+            f"annotation file {path} not found; it ships with the lists "
+            f"({spec.annotation}); set data.list_dir to its folder"
+        )
     out: dict[str, list[tuple[int, int]]] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         tokens = line.split()
@@ -156,13 +164,17 @@ def read_annotation(path: Path, spec: DatasetSpec) -> dict[str, list[tuple[int, 
             raise ValueError(f"{path}, line {number}: frame bounds must be integers") from exc
         if len(bounds) % 2:
             raise ValueError(f"{path}, line {number}: an odd number of frame bounds")
-        out[name] = [(s, e) for s, e in zip(bounds[::2], bounds[1::2]) if s != -1]
+        out[name] = [(s, e) for s, e in zip(bounds[::2], bounds[1::2], strict=False) if s != -1]
     return out
 
 
-def frame_ground_truth(videos: list[str], lengths: np.ndarray, normal: np.ndarray,
-                       annotation: dict[str, list[tuple[int, int]]],
-                       frames_per_snippet: int) -> np.ndarray:
+def frame_ground_truth(
+    videos: list[str],
+    lengths: np.ndarray,
+    normal: np.ndarray,
+    annotation: dict[str, list[tuple[int, int]]],
+    frames_per_snippet: int,
+) -> np.ndarray:
     """Concatenated 0/1 frame vector of length Σ frames_per_snippet·T_v (spec §1.6).
 
     Annotated intervals are half-open and cut at the video's last frame.
@@ -170,43 +182,49 @@ def frame_ground_truth(videos: list[str], lengths: np.ndarray, normal: np.ndarra
     total = int(lengths.sum()) * frames_per_snippet
     gt = np.zeros(total, dtype=np.float32)
     start = 0
-    for name, num_rows, is_normal in zip(videos, lengths, normal):
+    for name, num_rows, is_normal in zip(videos, lengths, normal, strict=False):
         num_frames = int(num_rows) * frames_per_snippet
         if not is_normal:
             if name not in annotation:
-                raise ValueError(f"anomalous test video {name!r} has no line in the annotation "
-                                 f"file; the list and the annotation do not belong together")
+                raise ValueError(
+                    f"anomalous test video {name!r} has no line in the annotation "
+                    f"file; the list and the annotation do not belong together"
+                )
             for s, e in annotation[name]:
-                gt[start + min(s, num_frames): start + min(e, num_frames)] = 1.0
+                gt[start + min(s, num_frames) : start + min(e, num_frames)] = 1.0
         start += num_frames
     return gt
 
 
-def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int
-                     ) -> tuple[list, list]:
+def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int) -> tuple[list, list]:
     """The shipped gt_segment / gt_label object arrays, checked against the test list length."""
     arrays = []
     for name in (spec.gt_segments, spec.gt_labels):
         path = list_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; it ships with the VadCLIP lists; set "
-                                    f"data.list_dir to its folder")
+            raise FileNotFoundError(
+                f"{path} not found; it ships with the VadCLIP lists; set "
+                f"data.list_dir to its folder"
+            )
         arrays.append(list(np.load(path, allow_pickle=True)))
     segments, labels = arrays
     for name, values in ((spec.gt_segments, segments), (spec.gt_labels, labels)):
         if len(values) != num_videos:
-            raise ValueError(f"{list_dir / name}: {len(values)} entries but the test list "
-                             f"{spec.test_list} has {num_videos} videos; they must be in step")
+            raise ValueError(
+                f"{list_dir / name}: {len(values)} entries but the test list "
+                f"{spec.test_list} has {num_videos} videos; they must be in step"
+            )
     return segments, labels
 
 
 # ---------------------------------------------------------------------------- splits
 
-def split_by_video(videos: tuple[str, ...], targets: np.ndarray, fraction: float, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+
+def split_by_video(
+    videos: tuple[str, ...], targets: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val): whole videos go to one side, stratified by class set, seeded."""
-    names, first, inverse = np.unique(np.asarray(videos), return_index=True,
-                                      return_inverse=True)
+    names, first, inverse = np.unique(np.asarray(videos), return_index=True, return_inverse=True)
     video_keys = [tuple(np.flatnonzero(targets[i])) for i in first]  # class set per video
     rng = np.random.default_rng(seed)
     val_videos = []
@@ -221,6 +239,7 @@ def split_by_video(videos: tuple[str, ...], targets: np.ndarray, fraction: float
 
 # ---------------------------------------------------------------------------- batches
 
+
 @dataclass(frozen=True)
 class Batch:
     features: np.ndarray  # (B, T, D) float32
@@ -228,8 +247,9 @@ class Batch:
     targets: np.ndarray  # (B, C) float32 multi-hot
 
 
-def epoch_batches(rows: np.ndarray, targets: np.ndarray, sampling: str, batch_size: int,
-                  seed: int, epoch: int) -> list[np.ndarray]:
+def epoch_batches(
+    rows: np.ndarray, targets: np.ndarray, sampling: str, batch_size: int, seed: int, epoch: int
+) -> list[np.ndarray]:
     """Row-index batches of one epoch, a pure function of (seed, epoch) so resume is exact.
 
     "mixed": one shuffled pass, last batch kept (XD). "paired": normal and anomalous rows
@@ -238,20 +258,29 @@ def epoch_batches(rows: np.ndarray, targets: np.ndarray, sampling: str, batch_si
     rng = np.random.default_rng([seed, epoch])
     if sampling == "mixed":
         order = rng.permutation(rows)
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     normal = rng.permutation(rows[targets[rows, 0] == 1])
     anomalous = rng.permutation(rows[targets[rows, 0] == 0])
     steps = min(len(normal), len(anomalous)) // batch_size
     if steps == 0:
-        raise ValueError(f"paired sampling needs at least train.batch_size={batch_size} normal "
-                         f"and anomalous training rows; found {len(normal)} and {len(anomalous)}")
-    return [np.concatenate([normal[i * batch_size:(i + 1) * batch_size],
-                            anomalous[i * batch_size:(i + 1) * batch_size]])
-            for i in range(steps)]
+        raise ValueError(
+            f"paired sampling needs at least train.batch_size={batch_size} normal "
+            f"and anomalous training rows; found {len(normal)} and {len(anomalous)}"
+        )
+    return [
+        np.concatenate(
+            [
+                normal[i * batch_size : (i + 1) * batch_size],
+                anomalous[i * batch_size : (i + 1) * batch_size],
+            ]
+        )
+        for i in range(steps)
+    ]
 
 
-def iterate_batches(features: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
-                    batches: list[np.ndarray]) -> Iterator[Batch]:
+def iterate_batches(
+    features: np.ndarray, lengths: np.ndarray, targets: np.ndarray, batches: list[np.ndarray]
+) -> Iterator[Batch]:
     """Gather each batch from the (memory-mapped) fixed-length cache, in sorted row order."""
     for rows in batches:
         order = np.argsort(rows, kind="stable")  # sequential reads from the memory map

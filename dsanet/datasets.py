@@ -93,5 +93,7 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
             f"({len(raw['class_labels'])} classes, {len(raw['prompts'])} prompt lists)"
         )
     if raw["class_labels"][0] != raw["normal_label"]:
-        raise ValueError(f"{path}: class_labels[0] must be the normal label {raw['normal_label']!r}")
+        raise ValueError(
+            f"{path}: class_labels[0] must be the normal label {raw['normal_label']!r}"
+        )
     return DatasetSpec(**raw)

@@ -48,22 +48,31 @@ class DataBundle:
 def resolve_paths(cfg: DataConfig, spec: DatasetSpec) -> tuple[Path, Path, Path, Path]:
     """(list_dir, feature_root, test_feature_root, cache_dir), checked to exist."""
     if not cfg.list_dir:
-        raise ValueError("data.list_dir is not set: point it at the folder holding "
-                         f"{spec.train_list}, {spec.test_list} and the gt files")
+        raise ValueError(
+            "data.list_dir is not set: point it at the folder holding "
+            f"{spec.train_list}, {spec.test_list} and the gt files"
+        )
     if not cfg.feature_root:
-        raise ValueError("data.feature_root is not set: point it at the folder of the CLIP "
-                         "feature .npy files (VadCLIP publishes them; for a synthetic set run "
-                         "`python -m dsanet synth --preset xd-mini --out DIR`)")
+        raise ValueError(
+            "data.feature_root is not set: point it at the folder of the CLIP "
+            "feature .npy files (VadCLIP publishes them; for a synthetic set run "
+            "`python -m dsanet synth --preset xd-mini --out DIR`)"
+        )
     list_dir = Path(cfg.list_dir).expanduser()
     root = Path(cfg.feature_root).expanduser()
     test_root = Path(cfg.test_feature_root).expanduser() if cfg.test_feature_root else root
-    for name, path in (("data.list_dir", list_dir), ("data.feature_root", root),
-                       ("data.test_feature_root", test_root)):
+    for name, path in (
+        ("data.list_dir", list_dir),
+        ("data.feature_root", root),
+        ("data.test_feature_root", test_root),
+    ):
         if not path.is_dir():
-            raise FileNotFoundError(f"{name}={str(path)!r} is not a folder; fix the path "
-                                    f"(features of XD-Violence/UCF-Crime are published by "
-                                    f"VadCLIP; a synthetic set comes from `python -m dsanet "
-                                    f"synth`)")
+            raise FileNotFoundError(
+                f"{name}={str(path)!r} is not a folder; fix the path "
+                f"(features of XD-Violence/UCF-Crime are published by "
+                f"VadCLIP; a synthetic set comes from `python -m dsanet "
+                f"synth`)"
+            )
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else root / ".dsanet-cache"
     return list_dir, root, test_root, cache
 
@@ -78,16 +87,23 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
     annotation = read_annotation(list_dir / spec.annotation, spec)
     train = open_train(cache, train_list, length, width)
     packed_test = open_test(cache, test_list, width)
-    gt_frames = frame_ground_truth(list(test_list.videos), packed_test.lengths,
-                                   test_list.targets[:, 0] == 1, annotation,
-                                   spec.frames_per_snippet)
+    gt_frames = frame_ground_truth(
+        list(test_list.videos),
+        packed_test.lengths,
+        test_list.targets[:, 0] == 1,
+        annotation,
+        spec.frames_per_snippet,
+    )
     if cfg.protocol == "reference":
         train_rows = np.arange(len(train_list))
         val_rows = np.zeros(0, dtype=np.int64)
-        log.warning("protocol 'reference': model selection uses the TEST set, as the official "
-                    "code does; numbers are optimistic and only comparable with the paper")
+        log.warning(
+            "protocol 'reference': model selection uses the TEST set, as the official "
+            "code does; numbers are optimistic and only comparable with the paper"
+        )
     else:
-        train_rows, val_rows = split_by_video(train_list.videos, train_list.targets,
-                                              cfg.val_fraction, cfg.split_seed)
+        train_rows, val_rows = split_by_video(
+            train_list.videos, train_list.targets, cfg.val_fraction, cfg.split_seed
+        )
     test = TestSet(packed_test, test_list, gt_frames, gt_segments, gt_labels)
     return DataBundle(spec, train, train_list, train_rows, val_rows, test)

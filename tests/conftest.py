@@ -25,10 +25,12 @@ def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Pa
     feats, lists = root / "features", root / "lists"
     feats.mkdir(parents=True)
     lists.mkdir(parents=True)
-    train = [("fightA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 300),
-             ("boomB__#00-00-00_00-01-00_label_B2-G-0", "B2-G-0", 40),
-             ("calmC__#00-00-00_00-01-00_label_A", "A", 120),
-             ("calmD__#00-00-00_00-01-00_label_A", "A", 80)]
+    train = [
+        ("fightA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 300),
+        ("boomB__#00-00-00_00-01-00_label_B2-G-0", "B2-G-0", 40),
+        ("calmC__#00-00-00_00-01-00_label_A", "A", 120),
+        ("calmD__#00-00-00_00-01-00_label_A", "A", 80),
+    ]
     rows = ["path,label"]
     for name, label, length in train:
         for crop in range(10):
@@ -36,9 +38,11 @@ def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Pa
             np.save(feats / file, rng.normal(size=(length + crop, width)).astype(np.float32))
             rows.append(f"/elsewhere/XDTrainClipFeatures/{file},{label}")
     (lists / "xd_CLIP_rgb.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
-    test = [("testA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 520),
-            ("testN__#00-00-00_00-01-00_label_A", "A", 100),
-            ("testM__#00-00-00_00-01-00_label_A", "A", 256)]
+    test = [
+        ("testA__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 520),
+        ("testN__#00-00-00_00-01-00_label_A", "A", 100),
+        ("testM__#00-00-00_00-01-00_label_A", "A", 256),
+    ]
     rows = ["path,label"]
     for name, label, length in test:
         file = f"{name}__0.npy"
@@ -58,3 +62,31 @@ def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Pa
 @pytest.fixture
 def tiny_tree(tmp_path: Path) -> dict[str, Path]:
     return write_tiny_tree(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def xd_mini(tmp_path_factory) -> dict[str, Path]:
+    """The synthetic xd-mini benchmark, generated once per test session."""
+    from dsanet.synth import generate
+
+    out = tmp_path_factory.mktemp("xd-mini") / "data"
+    generate("xd-mini", out, seed=0)
+    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
+
+
+def tiny_run_overrides(data: dict[str, Path], out_dir: Path) -> list[str]:
+    """A DSANet small enough for CPU tests: short window, one decoder block, 1-layer text."""
+    return [
+        f"data.list_dir={data['lists']}",
+        f"data.feature_root={data['features']}",
+        f"data.cache_dir={data['cache']}",
+        f"train.out_dir={out_dir}",
+        "model.visual_length=64",
+        "model.attn_window=16",
+        "model.decoder_depth=1",
+        "text.layers=1",
+        "train.batch_size=8",
+        "train.max_steps_per_epoch=3",
+        "train.epochs=2",
+        "data.val_fraction=0.2",
+    ]

@@ -24,8 +24,10 @@ def test_shipped_configs_load(name):
 
 
 def test_overrides_from_strings_and_mapping():
-    cfg = load_config(REPO / "dsanet" / "configs" / "ucf.yaml",
-                      ["model.num_prototypes=32", "optim.lr=3e-5", "optim.milestones=[4, 8]"])
+    cfg = load_config(
+        REPO / "dsanet" / "configs" / "ucf.yaml",
+        ["model.num_prototypes=32", "optim.lr=3e-5", "optim.milestones=[4, 8]"],
+    )
     assert cfg.model.num_prototypes == 32 and cfg.optim.lr == 3e-5
     assert cfg.optim.milestones == (4, 8) and cfg.model.visual_layers == 2
     again = cfg.with_overrides({"model.normal_ratio": 0.5})
@@ -53,11 +55,19 @@ BAD_CONFIGS = {
     "top level list": ("- 1\n- 2\n", [], "top level must be a mapping"),
     "unknown section": ("modle: {}\n", [], r"unknown key\(s\) \['modle'\]"),
     "unknown key": ("model: {num_protos: 4}\n", [], r"model.num_protos"),
-    "wrong type": ("model: {num_prototypes: many}\n", [], "model.num_prototypes='many' is not an integer"),
+    "wrong type": (
+        "model: {num_prototypes: many}\n",
+        [],
+        "model.num_prototypes='many' is not an integer",
+    ),
     "bool as int": ("model: {use_sgnm: 1}\n", [], "model.use_sgnm=1 is not a boolean"),
     "bad literal": ("text: {mode: prompt}\n", [], r"one of \['adapter', 'coop'"),
     "window not dividing": ("model: {attn_window: 60}\n", [], "a divisor of model.visual_length"),
-    "K below one": ("model: {num_prototypes: 0}\n", [], "num_prototypes=0: must be an integer >= 1"),
+    "K below one": (
+        "model: {num_prototypes: 0}\n",
+        [],
+        "num_prototypes=0: must be an integer >= 1",
+    ),
     "M above one": ("model: {normal_ratio: 1.5}\n", [], r"normal_ratio=1.5: must be in \(0, 1\]"),
     "M zero": ("model: {normal_ratio: 0}\n", [], "normal_ratio"),
     "negative lr": ("optim: {lr: -1}\n", [], "optim.lr=-1.0: must be > 0"),

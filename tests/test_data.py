@@ -62,7 +62,7 @@ def test_resample_bins_are_integer_edges():
     features = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
     out, length = resample(features, 256)
     edges = [i * 300 // 256 for i in range(257)]
-    naive = np.stack([features[edges[i]:edges[i + 1]].mean(0) for i in range(256)])
+    naive = np.stack([features[edges[i] : edges[i + 1]].mean(0) for i in range(256)])
     np.testing.assert_allclose(out, naive, atol=1e-6)
     assert length == 256
 
@@ -88,24 +88,30 @@ def test_read_list_reroots_paths(tiny_tree):
 def test_ucf_labels_and_two_path_components(tmp_path):
     spec = load_spec("ucf")
     lists = tmp_path / "l.csv"
-    lists.write_text("path,label\r\n/x/UCF/Abuse/Abuse001_x264__0.npy,Abuse\r\n"
-                     "/x/UCF/Training_Normal_Videos_Anomaly/N1_x264__0.npy,Normal\r\n")
+    lists.write_text(
+        "path,label\r\n/x/UCF/Abuse/Abuse001_x264__0.npy,Abuse\r\n"
+        "/x/UCF/Training_Normal_Videos_Anomaly/N1_x264__0.npy,Normal\r\n"
+    )
     videos = read_list(lists, tmp_path, spec)
     assert videos.paths[0] == tmp_path / "Abuse" / "Abuse001_x264__0.npy"
     assert videos.targets[0].argmax() == 1 and videos.targets[1].argmax() == 0
 
 
 def test_load_data_ground_truth_and_split(tiny_tree):
-    cfg = DataConfig(list_dir=str(tiny_tree["lists"]), feature_root=str(tiny_tree["features"]),
-                     cache_dir=str(tiny_tree["cache"]), val_fraction=0.5)
+    cfg = DataConfig(
+        list_dir=str(tiny_tree["lists"]),
+        feature_root=str(tiny_tree["features"]),
+        cache_dir=str(tiny_tree["cache"]),
+        val_fraction=0.5,
+    )
     bundle = load_data(cfg, 256, 512)
     lengths = bundle.test.packed.lengths
     assert lengths.tolist() == [520, 100, 256]
     assert len(bundle.test.gt_frames) == 16 * lengths.sum()
-    gt = bundle.test.gt_frames[:520 * 16]
+    gt = bundle.test.gt_frames[: 520 * 16]
     assert gt[:32].sum() == 0 and gt[32:160].all() and gt[160:4000].sum() == 0
     assert gt[4000:].all()  # cut at the video's last frame
-    assert bundle.test.gt_frames[520 * 16:].sum() == 0
+    assert bundle.test.gt_frames[520 * 16 :].sum() == 0
     assert bundle.train.features.shape == (40, 256, 512)
     assert bundle.train.lengths[0] == 256 and bundle.train.lengths[20] == 120
     train_videos = {bundle.train_list.videos[i] for i in bundle.train_rows}
@@ -169,8 +175,12 @@ def test_epoch_batches_mixed_and_paired():
     mixed = epoch_batches(rows, targets, "mixed", 16, seed=1, epoch=0)
     assert [len(b) for b in mixed] == [16, 16, 16, 2]
     assert sorted(np.concatenate(mixed).tolist()) == rows.tolist()
-    assert all(np.array_equal(a, b) for a, b in
-               zip(mixed, epoch_batches(rows, targets, "mixed", 16, seed=1, epoch=0)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            mixed, epoch_batches(rows, targets, "mixed", 16, seed=1, epoch=0), strict=False
+        )
+    )
     paired = epoch_batches(rows, targets, "paired", 8, seed=1, epoch=2)
     assert len(paired) == 2  # min(20, 30) // 8
     for batch in paired:
@@ -189,8 +199,12 @@ def test_iterate_batches_gathers_in_request_order():
 def _tree_with(tmp_path: Path, mutate) -> DataConfig:
     tree = write_tiny_tree(tmp_path / "t")
     mutate(tree)
-    return DataConfig(list_dir=str(tree["lists"]), feature_root=str(tree["features"]),
-                      cache_dir=str(tree["cache"]), val_fraction=0.5)
+    return DataConfig(
+        list_dir=str(tree["lists"]),
+        feature_root=str(tree["features"]),
+        cache_dir=str(tree["cache"]),
+        val_fraction=0.5,
+    )
 
 
 def _rewrite(path: Path, old: str, new: str) -> None:
@@ -198,33 +212,75 @@ def _rewrite(path: Path, old: str, new: str) -> None:
 
 
 BAD_DATA = {
-    "feature root missing": (lambda t: None, {"feature_root": "/nonexistent/feat"},
-                             "data.feature_root"),
+    "feature root missing": (
+        lambda t: None,
+        {"feature_root": "/nonexistent/feat"},
+        "data.feature_root",
+    ),
     "list dir unset": (lambda t: None, {"list_dir": ""}, "data.list_dir is not set"),
-    "train list missing": (lambda t: (t["lists"] / "xd_CLIP_rgb.csv").unlink(), {},
-                           "xd_CLIP_rgb.csv not found"),
-    "list empty": (lambda t: (t["lists"] / "xd_CLIP_rgb.csv").write_text("path,label\n"), {},
-                   "no rows"),
-    "list wrong columns": (lambda t: (t["lists"] / "xd_CLIP_rgb.csv").write_text("file,y\na,b\n"),
-                           {}, "header must be 'path,label'"),
-    "unknown label": (lambda t: _rewrite(t["lists"] / "xd_CLIP_rgb.csv", ",B1-0-0", ",B3-0-0"),
-                      {}, "names no known class"),
-    "npy missing": (lambda t: next(t["features"].glob("calmC*__3.npy")).unlink(), {},
-                    "calmC.*not found"),
-    "npy corrupt": (lambda t: next(t["features"].glob("calmC*__3.npy")).write_bytes(b"junk"),
-                    {}, "cannot be read"),
-    "npy wrong width": (lambda t: np.save(next(t["features"].glob("calmC*__3.npy")),
-                                          np.zeros((5, 100), np.float32)), {}, r"\(T>=1, 512\)"),
-    "npy zero rows": (lambda t: np.save(next(t["features"].glob("calmC*__3.npy")),
-                                        np.zeros((0, 512), np.float32)), {}, r"\(T>=1, 512\)"),
-    "npy inf": (lambda t: np.save(next(t["features"].glob("testN*")),
-                                  np.full((5, 512), np.inf, np.float32)), {}, "NaN or inf"),
+    "train list missing": (
+        lambda t: (t["lists"] / "xd_CLIP_rgb.csv").unlink(),
+        {},
+        "xd_CLIP_rgb.csv not found",
+    ),
+    "list empty": (
+        lambda t: (t["lists"] / "xd_CLIP_rgb.csv").write_text("path,label\n"),
+        {},
+        "no rows",
+    ),
+    "list wrong columns": (
+        lambda t: (t["lists"] / "xd_CLIP_rgb.csv").write_text("file,y\na,b\n"),
+        {},
+        "header must be 'path,label'",
+    ),
+    "unknown label": (
+        lambda t: _rewrite(t["lists"] / "xd_CLIP_rgb.csv", ",B1-0-0", ",B3-0-0"),
+        {},
+        "names no known class",
+    ),
+    "npy missing": (
+        lambda t: next(t["features"].glob("calmC*__3.npy")).unlink(),
+        {},
+        "calmC.*not found",
+    ),
+    "npy corrupt": (
+        lambda t: next(t["features"].glob("calmC*__3.npy")).write_bytes(b"junk"),
+        {},
+        "cannot be read",
+    ),
+    "npy wrong width": (
+        lambda t: np.save(
+            next(t["features"].glob("calmC*__3.npy")), np.zeros((5, 100), np.float32)
+        ),
+        {},
+        r"\(T>=1, 512\)",
+    ),
+    "npy zero rows": (
+        lambda t: np.save(
+            next(t["features"].glob("calmC*__3.npy")), np.zeros((0, 512), np.float32)
+        ),
+        {},
+        r"\(T>=1, 512\)",
+    ),
+    "npy inf": (
+        lambda t: np.save(
+            next(t["features"].glob("testN*")), np.full((5, 512), np.inf, np.float32)
+        ),
+        {},
+        "NaN or inf",
+    ),
     "gt and test list differ": (
-        lambda t: np.save(t["lists"] / "gt_label.npy",
-                          np.array([["A"], ["A"]], dtype=object), allow_pickle=True),
-        {}, "in step"),
-    "annotation missing a video": (lambda t: (t["lists"] / "annotations.txt").write_text(""), {},
-                                   "no line in the annotation"),
+        lambda t: np.save(
+            t["lists"] / "gt_label.npy", np.array([["A"], ["A"]], dtype=object), allow_pickle=True
+        ),
+        {},
+        "in step",
+    ),
+    "annotation missing a video": (
+        lambda t: (t["lists"] / "annotations.txt").write_text(""),
+        {},
+        "no line in the annotation",
+    ),
     "unknown dataset preset": (lambda t: None, {"dataset": "kinetics"}, "preset name"),
 }
 

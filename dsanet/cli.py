@@ -1,0 +1,171 @@
+"""Command line: `python -m dsanet {synth,train,evaluate,demo}`: single runs, no search.
+
+Bad input ends in one `error:` line naming the file or field and the fix, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("dsanet")
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from dsanet.synth import generate
+
+    summary = generate(args.preset, Path(args.out), seed=args.seed, scale=args.scale)
+    log.info("wrote %s", summary)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dsanet.config import load_config
+    from dsanet.trainer import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, resume=not args.restart)
+    print(
+        json.dumps(
+            {
+                "best_epoch": result.best_epoch,
+                result.select_metric: result.best_metric,
+                **{f"test_{k}": v for k, v in result.test.items()},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dsanet.config import from_dict
+    from dsanet.evaluate import predict_test, test_metrics, validation_metrics
+    from dsanet.loading import load_data
+    from dsanet.trainer import build_model, load_checkpoint, resolve_device
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; runs write last.pt and best.pt into train.out_dir"
+        )
+    config_file = path.parent / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file} not found: evaluate needs the config.yaml that "
+            f"training wrote next to the checkpoint"
+        )
+    import yaml
+
+    cfg = from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+    if args.overrides:
+        cfg = cfg.with_overrides(args.overrides)
+    device = resolve_device(cfg.train.device)
+    bundle = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
+    model = build_model(cfg, bundle.spec, device)
+    state = load_checkpoint(path, device)
+    model.load_trainable_state_dict(state.get("model", state))
+    if args.split == "test":
+        scores = test_metrics(
+            predict_test(model, bundle.test, device, cfg.train.precision), bundle, cfg.eval
+        )
+    else:
+        scores = validation_metrics(
+            model, bundle, device, cfg.train.batch_size, cfg.loss.topk_divisor, cfg.train.precision
+        )
+    print(json.dumps(scores, indent=1))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dsanet.config import load_config
+    from dsanet.synth import generate
+    from dsanet.trainer import fit
+
+    out = Path(args.out).resolve()
+    generate("xd-mini", out / "data", seed=0)
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"data.list_dir={out / 'data' / 'lists'}",
+            f"data.feature_root={out / 'data' / 'features'}",
+            f"train.out_dir={out / 'run'}",
+            *args.overrides,
+        ],
+    )
+    result = fit(cfg, resume=False)
+    print(
+        json.dumps(
+            {
+                "best_epoch": result.best_epoch,
+                result.select_metric: result.best_metric,
+                **{f"test_{k}": v for k, v in result.test.items()},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsanet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write a synthetic benchmark in VadCLIP format")
+    synth.add_argument("--preset", required=True, help="xd-mini | ucf-mini | xd-full | ucf-full")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scale", type=float, default=1.0, help="multiply the video counts")
+    synth.set_defaults(run=_synth)
+
+    train = sub.add_parser("train", help="train one configuration")
+    train.add_argument(
+        "--config", required=True, help="experiment YAML, or a shipped name: xd, ucf, demo"
+    )
+    train.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore a checkpoint in train.out_dir instead of resuming from it",
+    )
+    train.add_argument("overrides", nargs="*", help="section.field=value ...")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.add_argument("overrides", nargs="*", help="section.field=value ...")
+    evaluate.set_defaults(run=_evaluate)
+
+    demo = sub.add_parser("demo", help="synthesise xd-mini and train a CPU-sized DSANet on it")
+    demo.add_argument("--out", default="demo-out", help="output folder")
+    demo.add_argument("overrides", nargs="*", help="section.field=value ...")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; a later run with the same train.out_dir resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,120 @@
+"""Training loop: exact resume, selection on validation, test once, CLI, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_run_overrides
+
+from dsanet.config import load_config
+from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
+
+
+class Crash(Exception):
+    pass
+
+
+def _config(xd_mini, out_dir, *extra):
+    return load_config("demo", tiny_run_overrides(xd_mini, out_dir) + list(extra))
+
+
+def test_resume_continues_exactly(xd_mini, tmp_path):
+    straight = fit(_config(xd_mini, tmp_path / "straight"))
+
+    def crash_after_first(record, folder):
+        assert (folder / CHECKPOINT).is_file()
+        raise Crash
+
+    cfg = _config(xd_mini, tmp_path / "resumed")
+    with pytest.raises(Crash):
+        fit(cfg, on_epoch_end=crash_after_first)
+    resumed = fit(cfg)
+    assert len(resumed.history) == len(straight.history) == 2
+    for a, b in zip(straight.history, resumed.history, strict=False):
+        for key in a:
+            if key != "seconds":
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert resumed.best_epoch == straight.best_epoch
+    assert resumed.test == pytest.approx(straight.test, rel=1e-6)
+
+
+def test_fit_selects_on_validation_and_tests_once(xd_mini, tmp_path):
+    seen = []
+    result = fit(_config(xd_mini, tmp_path / "run"), on_epoch_end=lambda r, f: seen.append(r))
+    assert [int(r["epoch"]) for r in seen] == [0, 1]
+    assert all("val_ap" in r and not any(k.startswith("test_") for k in r) for r in seen)
+    vals = [r["val_ap"] for r in seen]
+    assert result.best_metric == max(vals) and result.best_epoch == vals.index(max(vals))
+    saved = json.loads((tmp_path / "run" / RESULT).read_text())
+    assert saved["test"]["ap"] == result.test["ap"] and 0 <= result.test["auc"] <= 1
+    state = torch.load(tmp_path / "run" / BEST, weights_only=True)
+    assert not any(
+        k.startswith("text_encoder.tower") or "clip" in k.lower()
+        for k in state
+        if "adapter" not in k and "projection" not in k
+    )
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_callback_can_stop_early(xd_mini, tmp_path):
+    result = fit(_config(xd_mini, tmp_path / "stop"), on_epoch_end=lambda r, f: True)
+    assert len(result.history) == 1 and result.test
+
+
+def test_reference_protocol_selects_on_test(xd_mini, tmp_path):
+    cfg = _config(xd_mini, tmp_path / "ref", "data.protocol=reference", "train.epochs=1")
+    result = fit(cfg)
+    assert result.select_metric == "test_ap"
+    assert "test_map_avg" in result.history[0]
+
+
+def test_cli_train_then_evaluate(xd_mini, tmp_path):
+    out = tmp_path / "cli"
+    args = tiny_run_overrides(xd_mini, out) + ["train.epochs=1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "dsanet", "train", "--config", "demo", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    assert "val_ap" in printed and "test_ap" in printed
+    run = subprocess.run(
+        [sys.executable, "-m", "dsanet", "evaluate", "--checkpoint", str(out / BEST)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["ap"] == pytest.approx(printed["test_ap"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--config", "demo", "model.attn_window=60"], "model.attn_window=60"),
+        (["train", "--config", "demo", "data.feature_root=/nonexistent"], "data.feature_root"),
+        (["train", "--config", "/nonexistent.yaml"], "not found"),
+        (["evaluate", "--checkpoint", "/nonexistent/best.pt"], "not found"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message):
+    run = subprocess.run(
+        [sys.executable, "-m", "dsanet", *argv, "data.list_dir=/tmp"]
+        if argv[0] == "train"
+        else [sys.executable, "-m", "dsanet", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and message in run.stderr
+    assert run.stderr.strip().startswith("error:")
