@@ -31,7 +31,10 @@ class DataConfig:
     feature_root: str = ""  # list paths are re-rooted under it (spec §1.2)
     test_feature_root: str = ""  # test features, when they live apart ("" = feature_root)
     cache_dir: str = ""  # packed feature cache ("" = <feature_root>/.dsanet-cache)
-    protocol: Literal["validation", "reference"] = "validation"
+    # validation: select on a held-out split of the training videos; final: train on every
+    # training video, keep the last epoch (the search's retrain); reference: select on the
+    # test set each epoch, as the official code does (comparison with the paper only).
+    protocol: Literal["validation", "final", "reference"] = "validation"
     val_fraction: float = 0.1  # of the training videos, stratified by class
     split_seed: int = 0
 
@@ -229,9 +232,9 @@ _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
         "data.val_fraction",
         lambda c: (
             0.0 <= c.data.val_fraction < 1.0
-            and (c.data.protocol == "reference" or c.data.val_fraction > 0)
+            and (c.data.protocol != "validation" or c.data.val_fraction > 0)
         ),
-        "in (0, 1) for protocol 'validation' (0 is allowed only with protocol 'reference')",
+        "in (0, 1) for protocol 'validation' (0 is allowed with 'final' and 'reference')",
     ),
     (
         "train.select_metric",

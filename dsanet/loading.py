@@ -41,7 +41,9 @@ class DataBundle:
     train: PackedTrain
     train_list: VideoList
     train_rows: np.ndarray  # row indices used for training
-    val_rows: np.ndarray  # row indices held out for model selection (empty: reference protocol)
+    val_rows: (
+        np.ndarray
+    )  # row indices held out for model selection (empty unless protocol 'validation')
     test: TestSet
 
 
@@ -94,13 +96,14 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
         annotation,
         spec.frames_per_snippet,
     )
-    if cfg.protocol == "reference":
+    if cfg.protocol != "validation":
         train_rows = np.arange(len(train_list))
         val_rows = np.zeros(0, dtype=np.int64)
-        log.warning(
-            "protocol 'reference': model selection uses the TEST set, as the official "
-            "code does; numbers are optimistic and only comparable with the paper"
-        )
+        if cfg.protocol == "reference":
+            log.warning(
+                "protocol 'reference': model selection uses the TEST set, as the official "
+                "code does; numbers are optimistic and only comparable with the paper"
+            )
     else:
         train_rows, val_rows = split_by_video(
             train_list.videos, train_list.targets, cfg.val_fraction, cfg.split_seed

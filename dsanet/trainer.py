@@ -119,7 +119,8 @@ class Trainer:
         self.steps_per_epoch = len(self._batches(0))
         main, sgnm = parameter_groups(self.model)
         self.optim = build_optimizers(main, sgnm, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
-        self.select_key = _SELECT[(cfg.data.protocol, cfg.train.select_metric)]
+        # protocol 'final' selects nothing: the last epoch is the model.
+        self.select_key = _SELECT.get((cfg.data.protocol, cfg.train.select_metric), "")
         self.epoch = 0  # next epoch to run
         self.best_metric = -float("inf")
         self.best_epoch = -1
@@ -163,6 +164,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Selection metrics: the validation split, or the test set under protocol reference."""
         t = self.cfg.train
+        if self.cfg.data.protocol == "final":
+            return {}
         if self.cfg.data.protocol == "reference":
             preds = predict_test(self.model, self.bundle.test, self.device, t.precision)
             scores = {
@@ -181,6 +184,8 @@ class Trainer:
         return scores
 
     def _maybe_select(self, scores: dict[str, float]) -> None:
+        if not self.select_key:
+            return
         value = scores[self.select_key]
         if np.isfinite(value) and value > self.best_metric:
             self.best_metric, self.best_epoch = value, self.epoch
@@ -222,8 +227,9 @@ class Trainer:
             "seconds": time.perf_counter() - start,
             **{f"loss_{k}": v / max(1, len(batches)) for k, v in sums.items()},
             **scores,
-            "best_" + self.select_key: self.best_metric,
         }
+        if self.select_key:
+            record["best_" + self.select_key] = self.best_metric
         self.history.append(record)
         if t.reload_best_each_epoch and (self.out_dir / BEST).is_file():  # Q-O1
             self.model.load_trainable_state_dict(load_checkpoint(self.out_dir / BEST, self.device))

@@ -118,3 +118,13 @@ def test_cli_errors_are_one_line(argv, message):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and message in run.stderr
     assert run.stderr.strip().startswith("error:")
+
+
+def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_mini, tmp_path):
+    cfg = _config(
+        xd_mini, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", "train.epochs=1"
+    )
+    result = fit(cfg)
+    assert result.select_metric == "" and result.best_epoch == -1
+    assert not (tmp_path / "final" / BEST).exists()
+    assert not any(k.startswith("val_") for k in result.history[0]) and "ap" in result.test
