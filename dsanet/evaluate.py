@@ -20,6 +20,7 @@ from dsanet.loading import DataBundle, TestSet
 from dsanet.losses import topk_mean
 
 VAL_AUC, VAL_AP, VAL_CLASS_ACC = "val_auc", "val_ap", "val_class_acc"
+VAL_NO_SKILL_AP = "val_no_skill_ap"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -146,7 +147,12 @@ def _video_scores(
     video_targets = np.zeros((num_videos, targets.shape[1]))
     video_targets[video_ids] = targets
     anomalous = video_targets[:, 0] == 0
-    result = {VAL_AUC: float("nan"), VAL_AP: float("nan"), VAL_CLASS_ACC: float("nan")}
+    result = {
+        VAL_AUC: float("nan"),
+        VAL_AP: float("nan"),
+        VAL_CLASS_ACC: float("nan"),
+        VAL_NO_SKILL_AP: float(anomalous.mean()),  # the AP of a random scorer
+    }
     if 0 < anomalous.sum() < num_videos:
         result[VAL_AUC] = float(roc_auc_score(anomalous, video_score))
         result[VAL_AP] = float(average_precision_score(anomalous, video_score))
