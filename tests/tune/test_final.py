@@ -1,0 +1,78 @@
+"""Final stage on the tiny CPU model: 2 seeds in-process, summary, nested runs, plots, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import tiny_run_overrides, write_space
+from mlflow import MlflowClient
+
+from tune.final import final_configs, run_final_stage
+from tune.tracking import MlflowTracker
+
+
+def tiny_space(tmp_path, xd_mini, uri: str):
+    pairs = (o.split("=", 1) for o in tiny_run_overrides(xd_mini, tmp_path / "unused"))
+    overrides = {k: yaml.safe_load(v) for k, v in pairs} | {"train.epochs": 1}
+    return write_space(tmp_path, "final", uri, overrides, scheduler={"kind": "none"})
+
+
+def final_runs(client: MlflowClient, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment], "tags.`dsanet.stage` = 'final'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
+    return runs
+
+
+def test_final_configs_override_protocol_seed_and_folder(tmp_path):
+    spec = write_space(tmp_path, "final-configs")
+    configs = final_configs(spec.base, tmp_path / "study", 3)
+    base = spec.base.train.seed
+    assert list(configs) == [base, base + 1, base + 2]
+    cfg = configs[base + 1]
+    assert (cfg.data.protocol, cfg.data.val_fraction, cfg.train.seed) == ("final", 0.0, base + 1)
+    assert cfg.train.out_dir == str((tmp_path / "study" / "final" / f"seed_{base + 1}").resolve())
+    with pytest.raises(ValueError, match="at least 1 seed"):
+        final_configs(spec.base, tmp_path, 0)
+
+
+@pytest.mark.slow  # two tiny fits, ~1 min on 2 cores
+def test_final_stage_two_seeds_then_resume(mlflow_server, tmp_path, xd_mini, capsys):
+    spec = tiny_space(tmp_path, xd_mini, mlflow_server.uri)
+    study = tmp_path / "study"
+    tracker = MlflowTracker(study, spec, mlflow_server.uri)
+    parent_id = tracker.start_parent(resumed=False)
+    summary = run_final_stage(spec, spec.base, study, tracker, seeds=2)
+
+    for key in ("auc", "ap", "map_avg", "map_avg_corrected"):
+        assert {f"final_{key}_mean", f"final_{key}_std"} <= set(summary)
+    assert "mean ± std" in capsys.readouterr().out
+    client = MlflowClient(mlflow_server.uri)
+    runs = final_runs(client, parent_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    first = min(runs, key=lambda r: int(r.data.tags["dsanet.seed"]))
+    assert first.data.params["data.protocol"] == "final"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "loss_total")] == [0]
+    assert "test_auc" in first.data.metrics
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["final_auc_mean"] == pytest.approx(summary["final_auc_mean"])
+    best = {a.path for a in client.list_artifacts(parent_id, "best")}
+    for name in ("videos.png", "roc.png", "pr.png", "confusion.png", "confusion.json"):
+        assert f"best/{name}" in best
+    seed_dir = study / "final" / f"seed_{spec.base.train.seed}"
+    result = json.loads((seed_dir / "result.json").read_text())
+    plotted = json.loads((study / "report" / "best" / "metrics.json").read_text())
+    assert plotted["frame_auc"] == pytest.approx(result["test"]["auc"], abs=1e-6)  # same model
+
+    tracker.close()  # a later session resumes the study
+    stamp = (seed_dir / "result.json").stat().st_mtime_ns
+    again = MlflowTracker(study, spec, mlflow_server.uri)
+    again.start_parent(resumed=True)
+    assert run_final_stage(spec, spec.base, study, again, seeds=2) == summary
+    assert (seed_dir / "result.json").stat().st_mtime_ns == stamp  # not retrained
+    assert len(final_runs(client, parent_id)) == 2
+    assert len(client.get_metric_history(parent_id, "final_auc_mean")) == 1
+    again.finish_parent("FINISHED")
+    again.close()

@@ -1,0 +1,110 @@
+"""Report artifacts from small in-memory Optuna studies, logged to a parent run on a real server;
+the video selection and the class confusion rule on hand-made inputs."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import optuna
+import yaml
+from conftest import write_space
+from mlflow import MlflowClient
+
+from dsanet.config import ExperimentConfig
+from tune.report import class_confusion, pick_videos, write_study_artifacts
+from tune.space import optuna_distributions
+from tune.tracking import MlflowTracker
+
+COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+
+
+def small_study(spec, outcomes: list[tuple[optuna.trial.TrialState, float]]) -> optuna.Study:
+    """Trials with given states and final values, two intermediate values each."""
+    directions = ["maximize"] * len(spec.metric)
+    study = optuna.create_study(directions=directions)
+    distributions = optuna_distributions(spec)
+    for i, (state, value) in enumerate(outcomes):
+        params = {
+            "optim.lr": (1e-5, 2e-5, 3e-5, 4e-5, 5e-5)[i],
+            "model.num_prototypes": (4, 8)[i % 2],
+        }
+        complete = state == COMPLETE
+        values = [value + 0.01 * k for k in range(len(directions))]
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions,
+                values=values if complete else None,
+                intermediate_values={0: value - 0.1, 1: value},
+                state=state,
+            )
+        )
+    return study
+
+
+def test_study_artifacts_are_logged_to_the_parent(mlflow_server, tmp_path):
+    spec = write_space(tmp_path, "report", mlflow_server.uri)
+    study_dir = tmp_path / "study"
+    tracker = MlflowTracker(study_dir, spec, mlflow_server.uri)
+    parent = tracker.start_parent(resumed=False)
+    outcomes = [(COMPLETE, 0.5), (PRUNED, 0.2), (COMPLETE, 0.7), (COMPLETE, 0.6), (PRUNED, 0.3)]
+    write_study_artifacts(small_study(spec, outcomes), tracker, study_dir)
+    tracker.close()
+
+    logged = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(parent, "study")}
+    expected = {"history.png", "parallel.png", "importance.png", "importance.json"}
+    assert logged == {f"study/{name}" for name in expected | {"trials.csv", "best_config.yaml"}}
+    with (study_dir / "report" / "study" / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert rows[1]["value_val_ap"] == "" and rows[2]["value_val_ap"] == "0.7"
+    assert {r["intermediate_values"] for r in rows} == {"2"}
+    assert rows[2]["optim.lr"] == "3e-05"
+    best = yaml.safe_load((study_dir / "report" / "study" / "best_config.yaml").read_text())
+    assert best["optim"]["lr"] == 3e-05 and best["model"]["num_prototypes"] == 4
+
+
+def test_few_trials_and_several_objectives(mlflow_server, tmp_path):
+    spec = write_space(
+        tmp_path, "report-few", mlflow_server.uri, metric=["val_ap", "val_auc"], mode=["max"] * 2
+    )
+    tracker = MlflowTracker(tmp_path / "study", spec, mlflow_server.uri)
+    tracker.start_parent(resumed=False)
+    write_study_artifacts(small_study(spec, [(COMPLETE, 0.5), (PRUNED, 0.2)]), tracker, tmp_path)
+    tracker.close()
+    files = {p.name for p in (tmp_path / "report" / "study").iterdir()}
+    assert {"history_val_ap.png", "history_val_auc.png", "parallel_val_auc.png"} <= files
+    assert not any(name.startswith("importance") for name in files)  # one complete trial
+
+
+def test_pick_videos_mixes_anomalous_and_normal():
+    normal = np.array([0, 0, 0, 1, 1, 1, 1, 0], dtype=bool)
+    picked = pick_videos(normal, 4)
+    assert len(picked) == 4 and normal[picked].sum() == 2
+    assert pick_videos(np.array([1, 1, 0], dtype=bool), 4) == [0, 1, 2]  # all there are
+    assert normal[pick_videos(normal, 5)].sum() == 2  # the odd one is anomalous
+
+
+def test_class_confusion_counts_multi_label_videos_as_right():
+    cfg = ExperimentConfig()  # hbm at temperature 1, top-k divisor 16
+    num_classes, length = 4, 32
+
+    def video(favoured: int) -> tuple[np.ndarray, np.ndarray]:
+        align = np.zeros((length, num_classes), dtype=np.float32)
+        align[:, favoured] = 5.0
+        return np.full((length, 1), 3.0, dtype=np.float32), align
+
+    targets = np.array(
+        [
+            [0, 1, 0, 0],  # class 1, predicted 1: right
+            [0, 0, 1, 1],  # classes 2 and 3, predicted 3: right
+            [0, 1, 0, 0],  # class 1, predicted 2: wrong
+            [1, 0, 0, 0],  # normal: not counted
+        ],
+        dtype=np.float32,
+    )
+    matrix = class_confusion([video(1), video(3), video(2), video(2)], targets, cfg)
+    expected = np.zeros((3, 3), dtype=np.int64)
+    expected[0, 0] = expected[2, 2] = expected[0, 1] = 1
+    np.testing.assert_array_equal(matrix, expected)

@@ -1,0 +1,156 @@
+"""Final stage: retrain the best config from scratch on every training video with N seeds,
+test each model once, and report mean ± std to the study's parent MLflow run.
+
+Seeds run as Ray tasks with the space's per-trial resources when Ray is initialised, else one
+after another in this process. A seed whose `result.json` exists is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsanet.config import ExperimentConfig, flatten
+from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
+from dsanet.trainer import RESULT, fit
+from tune.report import write_best_trial_artifacts
+from tune.space import SpaceSpec
+from tune.tracking import PARENT, TAG_STAGE, MlflowTracker
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = (AUC, AP, MAP_AVG, MAP_AVG_CORRECTED)
+
+
+def final_configs(
+    best_config: ExperimentConfig, study_dir: Path, seeds: int
+) -> dict[int, ExperimentConfig]:
+    """Seed -> retrain config: protocol final (every training video, the last epoch), seeds
+    train.seed, train.seed + 1, ..., each in `<study_dir>/final/seed_<seed>`."""
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds}: the final stage needs at least 1 seed (default 3)")
+    base = best_config.train.seed
+    return {
+        seed: best_config.with_overrides(
+            {
+                "data.protocol": "final",
+                "data.val_fraction": 0.0,
+                "train.seed": seed,
+                "train.out_dir": str(Path(study_dir).resolve() / "final" / f"seed_{seed}"),
+            }
+        )
+        for seed in range(base, base + seeds)
+    }
+
+
+def run_final_stage(
+    spec: SpaceSpec,
+    best_config: ExperimentConfig,
+    study_dir: Path,
+    tracker: MlflowTracker,
+    seeds: int = 3,
+) -> dict[str, float]:
+    """Retrain, test, log a nested run per seed (tag dsanet.stage=final) and the summary
+    (`final_<metric>_mean`, `final_<metric>_std`, sample std over seeds) to the parent."""
+    configs = final_configs(best_config, study_dir, seeds)
+    results = train_seeds(configs, spec)
+    for seed, cfg in configs.items():
+        _log_seed(tracker, seed, cfg, results[seed])
+    summary = summarize([results[s]["test"] for s in configs])
+    stamp = max(_result_stamp(cfg) for cfg in configs.values())  # a replay logs nothing twice
+    tags = {"dsanet.final_seeds": str(list(configs))}
+    tracker.log(PARENT, metrics=summary, tags=tags, timestamp_ms=stamp)
+    folder = Path(study_dir) / "final"
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    first = Path(configs[min(configs)].train.out_dir)
+    write_best_trial_artifacts(first, tracker, study_dir)
+    print(format_table({s: results[s]["test"] for s in configs}, summary))
+    tracker.flush()
+    return summary
+
+
+def train_seeds(configs: Mapping[int, ExperimentConfig], spec: SpaceSpec) -> dict[int, dict]:
+    """Fit every seed that has no result.json yet; return each seed's result.json."""
+    todo = [c for c in configs.values() if not (Path(c.train.out_dir) / RESULT).is_file()]
+    for seed, cfg in configs.items():
+        if cfg not in todo:
+            log.info("final stage: seed %d already trained (%s), not retrained", seed, RESULT)
+    ray = sys.modules.get("ray")  # not imported means not initialised
+    if todo and ray is not None and ray.is_initialized():
+        task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(fit_seed)
+        ray.get([task.remote(cfg) for cfg in todo])
+    else:
+        for cfg in todo:
+            fit_seed(cfg)
+    return {
+        seed: json.loads((Path(cfg.train.out_dir) / RESULT).read_text())
+        for seed, cfg in configs.items()
+    }
+
+
+def fit_seed(cfg: ExperimentConfig) -> str:
+    """One retrain (a Ray task or a plain call); resumes from its last.pt if interrupted."""
+    log.info("final stage: training seed %d in %s", cfg.train.seed, cfg.train.out_dir)
+    return str(fit(cfg).out_dir)
+
+
+def summarize(tests: list[Mapping[str, float]]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for one seed) of the summary metrics."""
+    summary: dict[str, float] = {}
+    for key in SUMMARY_METRICS:
+        values = np.array([t[key] for t in tests if key in t], dtype=np.float64)
+        if len(values) == 0:
+            continue
+        summary[f"final_{key}_mean"] = float(values.mean())
+        summary[f"final_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return summary
+
+
+def format_table(tests: Mapping[int, Mapping[str, float]], summary: Mapping[str, float]) -> str:
+    """Per-seed test metrics and mean ± std (AUC and AP as fractions, mAP in percent)."""
+    keys = [k for k in SUMMARY_METRICS if f"final_{k}_mean" in summary]
+    digits = {AUC: 4, AP: 4}
+    lines = [
+        f"Final stage: best config retrained on every training video, {len(tests)} seed(s), "
+        "test set",
+        f"{'seed':>10}" + "".join(f"{k:>20}" for k in keys),
+    ]
+    for seed, test in tests.items():
+        lines.append(f"{seed:>10}" + "".join(f"{test[k]:>20.{digits.get(k, 2)}f}" for k in keys))
+    cells = [
+        f"{summary[f'final_{k}_mean']:.{digits.get(k, 2)}f} ± "
+        f"{summary[f'final_{k}_std']:.{digits.get(k, 2)}f}"
+        for k in keys
+    ]
+    lines.append(f"{'mean ± std':>10}" + "".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
+def _log_seed(tracker: MlflowTracker, seed: int, cfg: ExperimentConfig, result: dict) -> None:
+    """A nested run: config params, per-epoch losses (step = epoch), test metrics, files."""
+    key = f"final/seed_{seed}"
+    if tracker.status_of(key) == "FINISHED":
+        return
+    tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
+    tracker.open_run(key, f"final-seed-{seed}", flatten(cfg), tags)
+    out, stamp = Path(cfg.train.out_dir), _result_stamp(cfg)
+    for record in result.get("history", []):
+        epoch = int(record["epoch"])
+        metrics: dict[str, Any] = {k: v for k, v in record.items() if k != "epoch"}
+        tracker.log(key, metrics, step=epoch, timestamp_ms=stamp)
+    tests = {f"test_{k}": v for k, v in result.get("test", {}).items()}
+    tracker.log(key, tests, step=0, timestamp_ms=stamp)
+    for name in ("config.yaml", RESULT):
+        tracker.log_artifact(key, out / name)
+    tracker.close_run(key, "FINISHED")
+
+
+def _result_stamp(cfg: ExperimentConfig) -> int:
+    """When the seed's result.json was written (ms): the fixed timestamp of what it logs."""
+    return int((Path(cfg.train.out_dir) / RESULT).stat().st_mtime * 1000)
