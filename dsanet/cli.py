@@ -19,7 +19,14 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 def _synth(args: argparse.Namespace) -> int:
     from dsanet.synth import generate
 
-    summary = generate(args.preset, Path(args.out), seed=args.seed, scale=args.scale)
+    summary = generate(
+        args.preset,
+        Path(args.out),
+        seed=args.seed,
+        scale=args.scale,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     log.info("wrote %s", summary)
     return 0
 
@@ -84,11 +91,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from dsanet.config import load_config
-    from dsanet.synth import generate
+    from dsanet.synth import MARKER, generate
     from dsanet.trainer import fit
 
     out = Path(args.out).resolve()
-    generate("xd-mini", out / "data", seed=0)
+    if not (out / "data" / MARKER).is_file():  # a finished tree from an earlier demo is reused
+        generate("xd-mini", out / "data", seed=0)
     cfg = load_config(
         DEMO_CONFIG,
         [
@@ -122,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--scale", type=float, default=1.0, help="multiply the video counts")
+    synth.add_argument("--workers", type=int, default=1, help="processes writing features")
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace an existing synthetic tree at --out"
+    )
     synth.set_defaults(run=_synth)
 
     train = sub.add_parser("train", help="train one configuration")

@@ -69,7 +69,7 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "synth")
         raise FileNotFoundError(
             f"dataset spec {str(name_or_path)!r} not found: give a preset name ({presets}) "
             f"or the path of a dataset YAML"
