@@ -16,6 +16,15 @@ log = logging.getLogger("dsanet")
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
+def _print_result(result) -> None:
+    """The run's outcome as JSON on stdout (logs go to stderr)."""
+    summary = {"best_epoch": result.best_epoch}
+    if result.select_metric:
+        summary[result.select_metric] = result.best_metric
+    summary.update({f"test_{k}": v for k, v in result.test.items()})
+    print(json.dumps(summary, indent=1))
+
+
 def _synth(args: argparse.Namespace) -> int:
     from dsanet.synth import generate
 
@@ -37,16 +46,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg, resume=not args.restart)
-    print(
-        json.dumps(
-            {
-                "best_epoch": result.best_epoch,
-                result.select_metric: result.best_metric,
-                **{f"test_{k}": v for k, v in result.test.items()},
-            },
-            indent=1,
-        )
-    )
+    _print_result(result)
     return 0
 
 
@@ -107,16 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
         ],
     )
     result = fit(cfg, resume=False)
-    print(
-        json.dumps(
-            {
-                "best_epoch": result.best_epoch,
-                result.select_metric: result.best_metric,
-                **{f"test_{k}": v for k, v in result.test.items()},
-            },
-            indent=1,
-        )
-    )
+    _print_result(result)
     return 0
 
 
