@@ -1,0 +1,208 @@
+"""Fixtures and helpers for search tests on a real Ray: small data, spaces, processes.
+
+Test modules import what they use (`from ray_fixtures import ...`), the fixtures by their
+`*_fixture` function names. Ray is always started with
+`address="local"` or as a `ray.cluster_utils.Cluster` of this test, never joined; processes are
+stopped by the PIDs the test started, never with `ray stop`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+_top_spec = importlib.util.spec_from_file_location(
+    "_tune_tests_top_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
+)
+_top = importlib.util.module_from_spec(_top_spec)
+_top_spec.loader.exec_module(_top)
+REPO = _top.REPO
+RUN_PY = REPO / "tune" / "run.py"
+MAX_T = 3  # epochs of every test trial
+
+
+@pytest.fixture(scope="session", name="xd_small")
+def xd_small_fixture(tmp_path_factory) -> dict[str, Path]:
+    """A quarter-size synthetic xd-mini (40 train / 20 test videos): epochs of about a second."""
+    from dsanet.synth import generate
+
+    out = tmp_path_factory.mktemp("xd-small") / "data"
+    generate("xd-mini", out, seed=0, scale=0.25)
+    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
+
+
+@pytest.fixture(name="local_ray")
+def local_ray_fixture() -> Iterator[None]:
+    """An in-process local Ray with 2 CPUs and a short temp dir; `tune.study.main` uses it."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay short
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def tiny_overrides(data: dict[str, Path], **more: Any) -> dict[str, Any]:
+    """tests/conftest.py's tiny DSANet as space overrides, MAX_T epochs of 2 steps."""
+    pairs = (item.split("=", 1) for item in _top.tiny_run_overrides(data, Path("unused")))
+    overrides = {k: yaml.safe_load(v) for k, v in pairs if k != "train.out_dir"}
+    overrides.update({"train.epochs": MAX_T, "train.max_steps_per_epoch": 2}, **more)
+    return overrides
+
+
+def write_space(folder: Path, data: dict[str, Path], **fields: Any) -> Path:
+    """A search space over the tiny model; `fields` replace top-level keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    space = {
+        "name": "t",
+        "base": "demo",
+        "overrides": tiny_overrides(data),
+        "search": {
+            "optim.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+            "train.seed": [234, 1, 2, 3, 4, 5, 6, 7],  # different starts: different epoch-1 scores
+        },
+        "metric": "val_ap",
+        "mode": "max",
+        "points_to_evaluate": ["base"],
+        "searcher": {"kind": "tpe", "seed": 0, "n_startup_trials": 2},
+        "scheduler": {"kind": "asha", "max_t": MAX_T, "grace_period": 1, "reduction_factor": 2},
+        "num_samples": 4,
+        "max_concurrent": 2,
+        "resources": {"cpu": 1, "gpu": 0},
+        "mlflow": {"tracking_uri": "", "experiment": f"t-{folder.name}"},
+        "storage_path": str(folder / "studies"),
+        **fields,
+    }
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------- studies
+
+
+def load_study(root: Path, name: str = "t") -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
+
+
+def study_trials(root: Path, name: str = "t") -> list[Any]:
+    """The study's trials, or [] before its database exists."""
+    if not (root / "optuna.db").is_file():
+        return []
+    try:
+        return load_study(root, name).get_trials(deepcopy=False)
+    except KeyError:  # the study row is not written yet
+        return []
+
+
+def reports(root: Path, trial_id: str) -> list[dict[str, Any]]:
+    """What a trial's worker reported: one dict per epoch (tune.trainable.REPORTS_FILE)."""
+    import json
+
+    path = root / "trials" / trial_id / "reports.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def mlflow_children(root: Path) -> list[Any]:
+    """The trial runs under the study's parent run in the study's MLflow database."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=1000
+    )
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@pytest.fixture(name="ray_tmp")
+def ray_tmp_fixture() -> Iterator[Path]:
+    """A short temp dir for the Ray sessions of subprocess studies, removed afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def start_study(args: list[str], log: Path, ray_tmp: Path) -> subprocess.Popen:
+    """`python tune/run.py ARGS` in its own process group (so the test can kill all of it)."""
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    return subprocess.Popen(
+        [sys.executable, str(RUN_PY), *args],
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the study exited ({proc.returncode}) before the condition")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s")
+        time.sleep(0.5)
+
+
+def kill_study(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group and every process it started (Ray's included)."""
+    family = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in family if _alive(pid)]
+    assert not survivors, f"processes of the killed study still alive: {survivors}"
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

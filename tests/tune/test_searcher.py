@@ -1,0 +1,219 @@
+"""The Optuna searcher and the persistent ASHA, driven the way Ray drives them (no Ray runtime).
+
+What Optuna is told: COMPLETE at max_t with the selected epoch's values, PRUNED when ASHA
+stopped the trial, FAIL on error, nothing for an interrupted trial; each epoch recorded once;
+starting points enqueued once per study; orphaned trials adopted after a driver crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray_fixtures import MAX_T, write_space
+
+from tune.scheduler import STATE_FILE, PersistentASHA, build_scheduler
+from tune.searcher import (
+    ADOPTED_KEY,
+    EPOCHS_ATTR,
+    OPTUNA_KEY,
+    RAY_TRIAL_ATTR,
+    OptunaSearcher,
+    open_study,
+    selected_values,
+)
+from tune.space import load_space
+
+FAKE_DATA = {"lists": Path("/nowhere/lists"), "features": Path("/nowhere/f"), "cache": Path("/c")}
+
+
+def make_spec(tmp_path: Path, **fields):
+    return load_space(write_space(tmp_path / "space", FAKE_DATA, **fields))
+
+
+def result(epoch: int, val_ap: float, best: float, val_auc: float = 0.5) -> dict:
+    """A flattened Tune result as Ray hands it to the searcher (epoch: epochs completed)."""
+    return {
+        "training_iteration": epoch,
+        "epoch": epoch - 1,
+        "val_ap": val_ap,
+        "val_auc": val_auc,
+        "best_val_ap": best,
+        "loss_total": 1.0,
+    }
+
+
+def run_epochs(searcher: OptunaSearcher, trial_id: str, scores: list[float], **extra) -> dict:
+    best, last = -1.0, {}
+    for epoch, score in enumerate(scores, start=1):
+        best = max(best, score)
+        last = result(epoch, score, best, **extra)
+        searcher.on_trial_result(trial_id, last)
+    return last
+
+
+def trial_of(searcher: OptunaSearcher, trial_id: str):
+    (trial,) = [t for t in searcher.study.trials if t.user_attrs[RAY_TRIAL_ATTR] == trial_id]
+    return trial
+
+
+def test_complete_trial_is_told_its_selected_epoch(tmp_path):
+    spec = make_spec(tmp_path)
+    searcher = OptunaSearcher(spec, tmp_path / "study")
+    config = searcher.suggest("a")
+    assert config[OPTUNA_KEY] == 0 and set(config) - {OPTUNA_KEY} == {p.name for p in spec.params}
+    last = run_epochs(searcher, "a", [0.5, 0.7, 0.6])
+    searcher.on_trial_complete("a", result=last)
+    trial = trial_of(searcher, "a")
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(0.7)  # best_val_ap's epoch, the weights fit() keeps
+    assert trial.intermediate_values == {1: 0.5, 2: 0.7, 3: 0.6}
+
+
+def test_asha_stop_is_pruned_with_its_intermediate_values(tmp_path):
+    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda t: t == "a")
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.4, 0.4))
+    # ASHA's STOP result never reaches on_trial_result: it arrives with on_trial_complete.
+    searcher.on_trial_complete("a", result=result(2, 0.3, 0.4))
+    trial = trial_of(searcher, "a")
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {1: 0.4, 2: 0.3}
+    assert len(trial.intermediate_values) < MAX_T
+
+
+def test_error_fails_and_interruption_leaves_running(tmp_path):
+    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda t: False)
+    searcher.suggest("bad")
+    searcher.suggest("cut")
+    searcher.on_trial_complete("bad", error=True)
+    searcher.on_trial_complete("cut", result=run_epochs(searcher, "cut", [0.5]))
+    assert trial_of(searcher, "bad").state == TrialState.FAIL
+    assert trial_of(searcher, "cut").state == TrialState.RUNNING  # carried on by --resume
+
+
+def test_replayed_epochs_and_completions_change_nothing(tmp_path):
+    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study")
+    searcher.suggest("a")
+    run_epochs(searcher, "a", [0.5, 0.6])
+    searcher.on_trial_result("a", result(2, 0.9, 0.9))  # epoch 2 again, after a restore
+    last = run_epochs(searcher, "a", [0.5, 0.6, 0.55])
+    searcher.on_trial_complete("a", result=last)
+    searcher.on_trial_complete("a", result=result(3, 0.99, 0.99))
+    trial = trial_of(searcher, "a")
+    assert trial.intermediate_values == {1: 0.5, 2: 0.6, 3: 0.55}
+    assert trial.value == pytest.approx(0.6)
+
+
+def test_points_are_enqueued_once_per_study(tmp_path):
+    spec = make_spec(tmp_path)
+    searcher = OptunaSearcher(spec, tmp_path / "study")
+    first = searcher.suggest("a")
+    assert {k: v for k, v in first.items() if k != OPTUNA_KEY} == spec.points_to_evaluate[0]
+    searcher.on_trial_complete("a", error=True)
+    OptunaSearcher(spec, tmp_path / "study").suggest("b")  # a restarted driver
+    study = open_study(spec, tmp_path / "study")
+    assert len(study.trials) == 2  # the base point was not queued a second time
+    assert study.trials[1].params != spec.points_to_evaluate[0]
+
+
+def test_save_restore_keeps_trials_and_orphans_are_adopted(tmp_path):
+    spec = make_spec(tmp_path)
+    old = OptunaSearcher(spec, tmp_path / "study")
+    old.suggest("a")
+    old.save(str(tmp_path / "searcher.pkl"))  # Ray's last snapshot knew trial a only
+    orphan = old.suggest("b")
+    restored = OptunaSearcher(spec, tmp_path / "study")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    adopted = restored.suggest("c")  # the orphan, not a new ask
+    assert adopted == {**orphan, ADOPTED_KEY: "b"}
+    restored.on_trial_complete("a", result=run_epochs(restored, "a", [0.1, 0.2, 0.3]))
+    assert trial_of(restored, "a").state == TrialState.COMPLETE
+    assert trial_of(restored, "c").number == orphan[OPTUNA_KEY]
+    assert len(restored.study.trials) == 2
+    fresh = OptunaSearcher(spec, tmp_path / "study")  # Ray saved nothing at all
+    assert fresh.suggest("d") == {**adopted, ADOPTED_KEY: "c"}
+
+
+def test_multi_objective_values_and_pareto_front(tmp_path):
+    spec = make_spec(tmp_path, metric=["val_ap", "val_auc"], mode=["max", "max"])
+    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda t: t == "p")
+    for trial_id in ("a", "b", "p"):
+        searcher.suggest(trial_id)
+    for epoch, (ap, auc) in enumerate([(0.5, 0.6), (0.8, 0.7), (0.6, 0.9)], start=1):
+        searcher.on_trial_result("a", result(epoch, ap, max(0.5, ap), val_auc=auc))
+    searcher.on_trial_complete("a", result=result(3, 0.6, 0.8, val_auc=0.9))
+    searcher.on_trial_complete("b", result=run_epochs(searcher, "b", [0.7] * 3, val_auc=0.75))
+    searcher.on_trial_complete("p", result=run_epochs(searcher, "p", [0.99], val_auc=0.99))
+    a, b, p = (trial_of(searcher, t) for t in ("a", "b", "p"))
+    assert a.values == [0.8, 0.7]  # both objectives at val_ap's best epoch
+    assert p.state == TrialState.PRUNED and p.values is None
+    assert p.intermediate_values == {}  # Optuna forbids report(); the epochs live in a user attr
+    assert p.user_attrs[EPOCHS_ATTR]["1"]["values"] == [0.99, 0.99]
+    assert {t.number for t in searcher.study.best_trials} == {a.number, b.number}
+
+
+def test_selected_values_fall_back_to_the_last_epoch():
+    epochs = {1: {"values": [2.0], "select": float("nan")}, 2: {"values": [1.0], "select": None}}
+    assert selected_values(epochs) == [1.0]
+    ties = {1: {"values": [1.0], "select": 0.5}, 2: {"values": [2.0], "select": 0.5}}
+    assert selected_values(ties) == [1.0]  # the first best epoch, as fit() selects
+
+
+def test_directions_of_a_stored_study_must_match(tmp_path):
+    open_study(make_spec(tmp_path), tmp_path / "study")
+    with pytest.raises(ValueError, match="directions"):
+        open_study(make_spec(tmp_path, mode="min"), tmp_path / "study")
+
+
+# ---------------------------------------------------------------------------- ASHA
+
+
+def asha(tmp_path: Path, max_t: int = 4) -> PersistentASHA:
+    return PersistentASHA(tmp_path / STATE_FILE, "val_ap", "max", max_t, 1, 2.0)
+
+
+def feed(scheduler: PersistentASHA, trial_id: str, scores: list[float]) -> list[str]:
+    trial = SimpleNamespace(trial_id=trial_id)
+    scheduler.on_trial_add(None, trial)
+    decisions = []
+    for epoch, score in enumerate(scores, start=1):
+        decisions.append(scheduler.on_trial_result(None, trial, result(epoch, score, score)))
+        if decisions[-1] == TrialScheduler.STOP:
+            scheduler.on_trial_complete(None, trial, result(epoch, score, score))
+            break
+    return decisions
+
+
+def test_asha_rungs_and_pruned_trials_survive_a_restart(tmp_path):
+    first = asha(tmp_path)
+    assert feed(first, "good", [0.9, 0.9, 0.9, 0.9])[-1] == TrialScheduler.STOP  # max_t
+    assert feed(first, "bad", [0.1]) == [TrialScheduler.STOP]
+    assert first.pruned("bad") and not first.pruned("good")
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert saved["pruned"] == ["bad"]
+    second = asha(tmp_path)  # a new driver after a crash
+    assert second.rungs() == first.rungs()
+    assert second.pruned("bad")
+    # A replayed result of a pruned trial is stopped again; a new trial meets the old rungs.
+    assert second.on_trial_result(None, SimpleNamespace(trial_id="bad"), result(2, 0.95, 0.95)) == (
+        TrialScheduler.STOP
+    )
+    assert feed(second, "late", [0.2]) == [TrialScheduler.STOP]
+
+
+def test_asha_state_of_other_settings_is_refused(tmp_path):
+    feed(asha(tmp_path), "a", [0.5])
+    with pytest.raises(ValueError, match="rungs at"):
+        asha(tmp_path, max_t=8)
+
+
+def test_scheduler_none_is_fifo(tmp_path):
+    spec = make_spec(tmp_path, scheduler={"kind": "none"})
+    assert isinstance(build_scheduler(spec, tmp_path), FIFOScheduler)
+    assert dataclasses.replace(spec.scheduler).max_t == spec.base.train.epochs

@@ -1,0 +1,274 @@
+"""A Ray Tune searcher over a persistent Optuna study that records what ASHA really did.
+
+The study lives in SQLite in the study folder and is the record of every trial: its parameters,
+one intermediate value per epoch, and how it ended. A trial that reaches `max_t` epochs is told
+COMPLETE with its objective values at the epoch the trainer selects (the best epoch of its
+selection metric, i.e. the `best.pt` weights); one that the scheduler stops earlier is told
+PRUNED; one that errors after Ray's retries is told FAIL. A trial interrupted with the driver is
+left RUNNING and carried on by `--resume` (or adopted by the next new trial when Ray lost it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from tune.space import SearcherSpec, SpaceSpec, sample
+
+log = logging.getLogger(__name__)
+
+STUDY_DB = "optuna.db"
+OPTUNA_KEY = "_optuna_trial"  # config key: the Optuna trial number of a Ray trial
+ADOPTED_KEY = "_adopted_from"  # config key: the Ray trial id an adopted Optuna trial had before
+RAY_TRIAL_ATTR = "ray_trial_id"
+EPOCHS_ATTR = "epochs"  # {epoch: {"values": [one per objective], "select": selection metric}}
+POINTS_ATTR = "points_enqueued"
+SIZE_ATTR = "num_samples"  # the study's planned trial count, fixed when it starts
+STEP_KEY = "training_iteration"  # epochs completed: one report per epoch, restored with checkpoints
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def storage_uri(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / STUDY_DB}"
+
+
+def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
+    """Create or load the study of `spec` in `study_dir`; its directions must match the space."""
+    Path(study_dir).mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(
+        storage_uri(study_dir), engine_kwargs={"connect_args": {"timeout": 60}}
+    )
+    directions = ["maximize" if mode == "max" else "minimize" for mode in spec.mode]
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        directions=directions,
+        pruner=optuna.pruners.NopPruner(),  # the scheduler prunes; its decisions are told here
+        load_if_exists=True,
+    )
+    stored = ["maximize" if d.name == "MAXIMIZE" else "minimize" for d in study.directions]
+    if stored != directions:
+        raise ValueError(
+            f"{study_dir / STUDY_DB} holds study {spec.name!r} with directions {stored}, but the "
+            f"space asks for {directions} ({list(spec.metric)}); use another --storage-path"
+        )
+    if SIZE_ATTR not in study.user_attrs:
+        study.set_user_attr(SIZE_ATTR, spec.num_samples)
+    # A resumed study must not replay the sampler's random stream from the start.
+    study.sampler = make_sampler(spec.searcher, offset=len(study.trials))
+    return study
+
+
+def planned_trials(study_dir: Path, name: str) -> int | None:
+    """How many trials the study `name` in `study_dir` was started with (None: no study yet)."""
+    if not (Path(study_dir) / STUDY_DB).is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_uri(study_dir))
+    except KeyError:
+        return None
+    return study.user_attrs.get(SIZE_ATTR)
+
+
+def make_sampler(searcher: SearcherSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = searcher.seed + offset
+    if searcher.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: trials still running count as bad guesses, so parallel asks spread out.
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=searcher.n_startup_trials, constant_liar=True
+    )
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def epoch_records(trial: optuna.trial.FrozenTrial) -> dict[int, dict[str, Any]]:
+    """The per-epoch objective values recorded for `trial`, by epochs completed."""
+    return {int(step): entry for step, entry in trial.user_attrs.get(EPOCHS_ATTR, {}).items()}
+
+
+def selected_values(epochs: Mapping[int, Mapping[str, Any]]) -> list[float]:
+    """Objective values at the epoch the trainer keeps: the first best of its selection metric.
+
+    Without a finite selection metric (e.g. a loss-only protocol) the last epoch's values.
+    """
+    steps = sorted(epochs)
+    finite = [s for s in steps if _finite(epochs[s].get("select"))]
+    if not finite:
+        return list(epochs[steps[-1]]["values"])
+    best = max(finite, key=lambda s: (epochs[s]["select"], -s))  # ties: the earliest, as fit()
+    return list(epochs[best]["values"])
+
+
+class OptunaSearcher(Searcher):
+    """Suggests from, and reports to, the Optuna study of a search space.
+
+    `pruned(trial_id)` says whether the scheduler stopped that Ray trial early; the searcher
+    cannot tell an ASHA stop from a finished trial otherwise.
+    """
+
+    def __init__(
+        self,
+        spec: SpaceSpec,
+        study_dir: Path,
+        pruned: Callable[[str], bool] | None = None,
+    ) -> None:
+        multi = len(spec.metric) > 1
+        super().__init__(
+            metric=list(spec.metric) if multi else spec.metric[0],
+            mode=list(spec.mode) if multi else spec.mode[0],
+        )
+        self._spec = spec
+        self._study_dir = Path(study_dir).resolve()
+        self._pruned = pruned
+        self._max_t = spec.scheduler.max_t
+        self._trials: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._study: optuna.Study | None = None
+        self._handles: dict[int, optuna.Trial] = {}
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_study=None, _handles={})  # reopened lazily; a DB connection can't travel
+        return state
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = open_study(self._spec, self._study_dir)
+        return self._study
+
+    # ------------------------------------------------------------------ Ray hooks
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # metric, mode and space come from the search-space file
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id in self._trials:  # defensive: Ray never asks twice for one trial
+            number = self._trials[trial_id]
+            return {**self._handle(number).params, OPTUNA_KEY: number}
+        self._enqueue_points()
+        orphan = self._orphan()
+        trial = self._handle(orphan.number) if orphan else self.study.ask()
+        params = sample(trial, self._spec)  # an adopted trial returns its stored values
+        trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        self._trials[trial_id] = trial.number
+        self._handles[trial.number] = trial
+        log.debug("Ray trial %s is Optuna trial %d: %s", trial_id, trial.number, params)
+        config = {**params, OPTUNA_KEY: trial.number}
+        previous = orphan.user_attrs.get(RAY_TRIAL_ATTR) if orphan else None
+        if previous:  # so trackers can continue what the lost Ray trial started
+            trial.set_user_attr(ADOPTED_KEY.lstrip("_"), previous)
+            config[ADOPTED_KEY] = previous
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._trials:
+            self._record(self._trials[trial_id], result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        number = self._trials.get(trial_id)
+        if number is None or self._frozen(number).state.is_finished():
+            return  # not ours, or already told (a trial replayed after a restore)
+        if error:
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            log.info("Optuna trial %d (Ray %s): FAIL", number, trial_id)
+            return
+        if result:  # the last result: Ray skips on_trial_result when the scheduler stops
+            self._record(number, result)
+        epochs = epoch_records(self._frozen(number))
+        done = max(epochs, default=0)
+        if done >= self._max_t:
+            self._tell_complete(number, epochs)
+        elif self._pruned is not None and self._pruned(trial_id):
+            self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+            log.info("Optuna trial %d (Ray %s): PRUNED after %d epochs", number, trial_id, done)
+        else:
+            log.info(
+                "Optuna trial %d (Ray %s) stopped after %d of %d epochs without a scheduler "
+                "decision (interrupted); it stays RUNNING for --resume",
+                number,
+                trial_id,
+                done,
+                self._max_t,
+            )
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump({"trials": dict(self._trials)}, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self._trials = dict(pickle.load(file)["trials"])
+
+    # ------------------------------------------------------------------ internals
+    def _enqueue_points(self) -> None:
+        """Queue the space's starting points once per study, however often it is resumed."""
+        study = self.study
+        if study.user_attrs.get(POINTS_ATTR):
+            return
+        for point in self._spec.points_to_evaluate:
+            study.enqueue_trial(point, skip_if_exists=True)
+        study.set_user_attr(POINTS_ATTR, True)
+
+    def _orphan(self) -> optuna.trial.FrozenTrial | None:
+        """A RUNNING trial no Ray trial owns: asked by a driver that died before Ray saved it."""
+        owned = set(self._trials.values())
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        orphans = [t for t in running if t.number not in owned]
+        if not orphans:
+            return None
+        log.info("reusing Optuna trial %d left running by an interrupted run", orphans[0].number)
+        return orphans[0]
+
+    def _record(self, number: int, result: Mapping[str, Any]) -> None:
+        """Store one epoch's objective values (once per epoch, so replays after a restore
+        add nothing)."""
+        step = result.get(STEP_KEY)
+        if step is None or any(m not in result for m in self._spec.metric):
+            return
+        frozen = self._frozen(number)
+        epochs = frozen.user_attrs.get(EPOCHS_ATTR, {})
+        if str(int(step)) in epochs:
+            return
+        values = [float(result[m]) for m in self._spec.metric]
+        # The trainer reports best_<key> for its selection metric <key>; keep <key> per epoch.
+        select_key = next((k.removeprefix("best_") for k in result if k.startswith("best_")), "")
+        entry = {"values": values, "select": float(result.get(select_key, math.nan))}
+        trial = self._handle(number)
+        trial.set_user_attr(EPOCHS_ATTR, {**epochs, str(int(step)): entry})
+        if len(values) == 1 and int(step) not in frozen.intermediate_values:
+            trial.report(values[0], int(step))  # multi-objective studies cannot report()
+
+    def _tell_complete(self, number: int, epochs: Mapping[int, Mapping[str, Any]]) -> None:
+        values = selected_values(epochs)
+        if not all(_finite(v) for v in values):
+            log.warning("Optuna trial %d ended with non-finite %s: FAIL", number, values)
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            return
+        self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
+        log.info("Optuna trial %d: COMPLETE %s", number, values)
+
+    def _handle(self, number: int) -> optuna.Trial:
+        if number not in self._handles:
+            # Optuna addresses a live trial by its storage id, which FrozenTrial keeps private.
+            self._handles[number] = optuna.trial.Trial(self.study, self._frozen(number)._trial_id)
+        return self._handles[number]
+
+    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.study.get_trials(deepcopy=False)[number]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

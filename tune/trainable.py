@@ -1,0 +1,191 @@
+"""The one bridge from a Ray Tune trial to dsanet: sampled parameters -> config -> `fit`.
+
+Each epoch is reported once with a checkpoint (hard links to the trainer's `last.pt`, `best.pt`
+and `config.yaml`, plus the epoch count). Ray's checkpoint is the truth on a restart: the
+trial's folder is reset to it (or emptied when there is none) before `fit(resume=True)`
+continues, so a restart repeats at most the epoch Ray had not yet registered, and the searcher,
+ASHA and the MLflow tracker each record an epoch once. Workers are reused between trials
+(function trainables allow it when the last trial's thread ends within Ray's 2 s), keep the
+memory-mapped feature cache open, run `resources.cpu` torch threads and cap a fractional GPU
+share. Inside a trial only `ray.tune.report/get_checkpoint/get_context/Checkpoint` are used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+from ray.tune import Callback
+
+from dsanet.config import ExperimentConfig, from_dict
+from tune.searcher import OPTUNA_KEY
+
+log = logging.getLogger(__name__)
+
+STUDY_KEY = "_study"  # config key of the fixed study info: {"dir": study folder, "max_t": epochs}
+TRIALS_DIR = "trials"  # <study>/trials/<ray trial id>/ is a trial's train.out_dir
+BASE_FILE = "base.yaml"  # the study's resolved base config, written once by the driver
+REPORTS_FILE = "reports.jsonl"  # one line per reported epoch: what the worker sent, and when
+PROGRESS_FILE = "progress.json"  # in each checkpoint: {"epochs": epochs done}
+STATE_FILES = ("last.pt", "best.pt")  # dsanet.trainer's CHECKPOINT and BEST
+_STAGE = ".checkpoint"
+_bundles: dict[str, Any] = {}  # data bundles kept by a reused worker: cache maps, lists
+_running: set[threading.Thread] = set()  # training threads of this worker process
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: train one sampled config, reporting every epoch."""
+    from dsanet.trainer import fit  # torch stays out of the driver, which only schedules
+
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # per epoch
+    study_dir = Path(config[STUDY_KEY]["dir"])
+    out_dir = study_dir / TRIALS_DIR / tune.get_context().get_trial_id()
+    cfg = trial_config(config, study_dir, out_dir)
+    resumed_at = _reset_to_checkpoint(out_dir)
+    slimmed = resumed_at > 0 and not (out_dir / STATE_FILES[0]).is_file()
+    if slimmed or resumed_at >= config[STUDY_KEY]["max_t"]:
+        return  # it had finished, but a crash kept that from Ray's last snapshot
+    gpu_share = _claim_resources()
+    extras = {"out_dir": str(out_dir), "optuna_trial": config.get(OPTUNA_KEY, -1)}
+    _running.add(threading.current_thread())
+    try:
+        fit(cfg, _Reporter(out_dir, extras, resumed_at), resume=True, bundle=_bundle(cfg))
+    finally:
+        shutil.rmtree(out_dir / _STAGE, ignore_errors=True)
+        # Ray's checkpoint holds the state now; the full-state copy here is 3x the weights.
+        (out_dir / STATE_FILES[0]).unlink(missing_ok=True)
+        _release(gpu_share)
+        _running.discard(threading.current_thread())
+
+
+def trial_config(config: dict[str, Any], study_dir: Path, out_dir: Path) -> ExperimentConfig:
+    """The study's base config with the sampled parameters (config keys without a '_')."""
+    base_file = study_dir / BASE_FILE
+    base = from_dict(yaml.safe_load(base_file.read_text()), str(base_file))
+    sampled = {k: v for k, v in config.items() if not k.startswith("_")}
+    return base.with_overrides({**sampled, "train.out_dir": str(out_dir)})
+
+
+class _Reporter:
+    """fit's on_epoch_end: one `tune.report` per epoch with the trial folder's state."""
+
+    def __init__(self, out_dir: Path, extras: dict[str, Any], resumed_at: int) -> None:
+        self.out_dir, self.extras, self.resumed_at = out_dir, extras, resumed_at
+
+    def __call__(self, record: dict[str, float], out_dir: Path) -> bool:
+        epoch = int(record["epoch"])
+        metrics = {**record, "epoch": epoch, **self.extras}
+        line = {"epoch": epoch, "pid": os.getpid(), "time": time.time()}
+        with open(self.out_dir / REPORTS_FILE, "a") as log_file:
+            log_file.write(json.dumps({**line, "resumed_at": self.resumed_at}) + "\n")
+        self.resumed_at = -1  # only the first report after a (re)start carries it
+        stage = _stage(out_dir, epochs_done=epoch + 1)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
+        return False  # the scheduler stops trials; fit runs to train.epochs otherwise
+
+
+class SlimFinishedCheckpoints(Callback):
+    """Drop `last.pt` (optimizer state included) from a finished trial's Ray checkpoint.
+
+    Only a running trial resumes from it; `best.pt`, `config.yaml` and the epoch count stay.
+    A trial restored from such a checkpoint (Ray's snapshot lagging a crash) just ends.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is not None and Path(checkpoint.path).is_dir():  # local or shared storage
+            (Path(checkpoint.path) / STATE_FILES[0]).unlink(missing_ok=True)
+
+
+def _stage(out_dir: Path, epochs_done: int) -> Path:
+    """A folder of hard links to the files a checkpoint needs (Ray copies it in report)."""
+    stage = out_dir / _STAGE
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    for name in (*STATE_FILES, "config.yaml"):
+        if (out_dir / name).is_file():
+            _link(out_dir / name, stage / name)
+    (stage / PROGRESS_FILE).write_text(json.dumps({"epochs": epochs_done}))
+    return stage
+
+
+def _reset_to_checkpoint(out_dir: Path) -> int:
+    """Make the trial folder hold exactly Ray's checkpoint; the epochs it had done (0: none).
+
+    A folder left by a killed attempt may be ahead of what Ray recorded; resuming from it
+    would skip reports that the scheduler, Optuna and MLflow never received.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        for name in STATE_FILES:
+            if (Path(folder) / name).is_file():
+                _link(Path(folder) / name, out_dir / name)
+        done = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epochs"]
+    log.info("trial %s resumes from Ray's checkpoint after %d epochs", out_dir.name, done)
+    return done
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (the trainer replaces files atomically, so links never see a change)."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
+
+
+def _claim_resources() -> float:
+    """Threads = the trial's CPUs; a fractional GPU caps this process's share of its memory."""
+    import torch
+
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    share = float(resources.get("GPU", 0.0))
+    if 0 < share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)  # the one device Ray made visible
+    return share
+
+
+def _release(gpu_share: float) -> None:
+    if gpu_share > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # a reused worker hands the memory to the next trial
+
+
+@atexit.register
+def _join_trials() -> None:
+    """Let a stopped trial's thread unwind before the worker exits.
+
+    Ray stops a function trial by raising SystemExit in its training thread and, when the
+    worker is not reused, exits the process without waiting; a thread still freeing tensors
+    while Python 3.11 finalises aborts the process with a C++ stack trace.
+    """
+    for thread in list(_running):
+        if thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+
+def _bundle(cfg: ExperimentConfig) -> Any:
+    """The trial's data: the memory-mapped cache the driver built, opened once per worker."""
+    from dsanet.loading import load_data
+
+    key = repr((cfg.data, cfg.model.visual_length, cfg.model.visual_width))
+    if key not in _bundles:
+        _bundles.clear()
+        _bundles[key] = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
+    return _bundles[key]
