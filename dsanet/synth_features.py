@@ -1,8 +1,8 @@
 """Feature model of the synthetic benchmark: CLIP-like snippet embeddings for a planned video.
 
-A snippet is a sum of a shared CLIP direction, a scene, a video and a shot background, AR(1)
-noise, soft-edged class events and anomaly-like "hard negative" bursts, rescaled to a CLIP-like
-norm; crops add a small static and low-rank per-snippet shift. Parameters: `synth.yaml`.
+A snippet sums a shared CLIP direction, a scene, a video and a shot background, AR(1) noise (partly
+inside the anomaly subspace), soft-edged class events and anomaly-like "hard negative" bursts, and
+is rescaled to a CLIP-like norm; crops add a small static and low-rank shift. See `synth.yaml`.
 """
 
 from __future__ import annotations

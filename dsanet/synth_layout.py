@@ -185,9 +185,15 @@ def _xd_name(label: str, seconds: int, cal: dict[str, Any], rng: np.random.Gener
     return f"{source}__#{stamp(start)}_{stamp(start + seconds)}_label_{label}"
 
 
-def _xd_names(spec: DatasetSpec, cal, plans_in, rng, taken: set[str]) -> list[tuple[str, None]]:
-    names = []
-    for label, length in plans_in:
+def _xd_names(
+    spec: DatasetSpec,
+    cal: dict[str, Any],
+    drafts: list[tuple[str, int]],
+    rng: np.random.Generator,
+    taken: set[str],
+) -> list[tuple[str, str | None]]:
+    names: list[tuple[str, str | None]] = []
+    for label, length in drafts:
         seconds = max(1, round(length * spec.frames_per_snippet / spec.fps))
         name = _xd_name(label, seconds, cal, rng)
         while name in taken:
@@ -233,7 +239,12 @@ def plan_dataset(
     return plans
 
 
-def _name_videos(spec: DatasetSpec, cal, drafts, rng) -> dict[str, list[tuple[str, str | None]]]:
+def _name_videos(
+    spec: DatasetSpec,
+    cal: dict[str, Any],
+    drafts: dict[str, list[tuple[str, int]]],
+    rng: np.random.Generator,
+) -> dict[str, list[tuple[str, str | None]]]:
     """(name, folder) per draft; names are unique across both splits."""
     if cal["naming"] == "xd":
         taken: set[str] = set()
@@ -245,12 +256,11 @@ def _name_videos(spec: DatasetSpec, cal, drafts, rng) -> dict[str, list[tuple[st
                     break
         return names
     numbers: dict[str, list[int]] = {}
-    for label in {label for split in SPLITS for label, _ in drafts[split]}:
+    for label in sorted({label for split in SPLITS for label, _ in drafts[split]}):
         counts = [sum(lab == label for lab, _ in drafts[split]) for split in SPLITS]
         numbers[label] = (rng.permutation(sum(counts) + sum(counts) // 8) + 1).tolist()
-    names = {}
+    names = {split: [] for split in SPLITS}
     for split in SPLITS:
-        names[split] = []
         for label, _ in drafts[split]:
             number = numbers[label].pop()
             if spec.parse_label(label) == (0,):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -139,6 +142,27 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
         assert (tmp_path / "a" / r).read_bytes() == (tmp_path / "b" / r).read_bytes(), r
     assert (tmp_path / "a" / rel[0]).read_bytes() != (tmp_path / "c" / rel[0]).read_bytes()
     assert runs["a"].counts == runs["b"].counts
+
+
+def test_layout_does_not_depend_on_hash_seed() -> None:
+    """Names and segments must not follow set order, which PYTHONHASHSEED changes."""
+    code = (
+        "import numpy as np; from dsanet.datasets import load_spec; "
+        "from dsanet.synth_layout import plan_dataset, resolve_preset; "
+        "print(plan_dataset(load_spec('ucf'), resolve_preset('ucf-mini'), "
+        "np.random.default_rng(0)))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in (1, 2)
+    }
+    assert len(outputs) == 1
 
 
 def test_scaled_full_keeps_the_mix() -> None:
