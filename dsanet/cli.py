@@ -73,9 +73,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.overrides:
         cfg = cfg.with_overrides(args.overrides)
     device = resolve_device(cfg.train.device)
+    state = load_checkpoint(path, device)  # a broken file fails before the data is read
     bundle = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
     model = build_model(cfg, bundle.spec, device)
-    state = load_checkpoint(path, device)
     model.load_trainable_state_dict(state.get("model", state))
     if args.split == "test":
         scores = test_metrics(

@@ -220,6 +220,19 @@ class DSANet(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load what `trainable_state_dict` saved; every trainable key must be present."""
+        own = self.state_dict()
+        wrong = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if wrong:  # load_state_dict would raise a multi-line RuntimeError naming no fix
+            raise ValueError(
+                f"checkpoint shapes do not match this model (checkpoint vs model): "
+                f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}; check model/text "
+                f"config (num_prototypes, visual_width, decoder_depth, text.mode) against the "
+                f"config.yaml of the run that saved it"
+            )
         result = self.load_state_dict(state, strict=False)
         frozen = self._frozen_names()
         missing = [k for k in result.missing_keys if k not in frozen]

@@ -138,6 +138,12 @@ def _model_config(arch: str) -> dict[str, Any]:
     return open_clip.get_model_config(arch)
 
 
+_WEIGHTS_FIX = (
+    "give a full CLIP checkpoint of that architecture (OpenAI's archive, or one converted with "
+    "dsanet.text.convert_openai_checkpoint)"
+)
+
+
 def load_text_tower(cfg: TextConfig, weights: str | None) -> FrozenTextTower:
     """Build text.arch with open_clip (fp32), load `weights`, keep only the first text.layers."""
     import open_clip
@@ -166,11 +172,16 @@ def load_text_tower(cfg: TextConfig, weights: str | None) -> FrozenTextTower:
             model = open_clip.create_model(
                 cfg.arch, pretrained=weights, precision="fp32", weights_only=not script
             )
-        except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
+        except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False: no
+            raise ValueError(
+                f"text.weights={weights!r} is not a readable checkpoint (truncated, or not "
+                f"written by torch.save or safetensors); {_WEIGHTS_FIX}"
+            ) from exc
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:400].rstrip(".")  # one line, bounded
             raise ValueError(
                 f"text.weights={weights!r} could not be loaded into text.arch={cfg.arch!r}: "
-                f"{exc}\nGive a full CLIP checkpoint of that architecture (OpenAI's archive, or "
-                f"one converted with dsanet.text.convert_openai_checkpoint)."
+                f"{reason}; {_WEIGHTS_FIX}"
             ) from exc
     return FrozenTextTower.from_open_clip(model, layers=cfg.layers)
 

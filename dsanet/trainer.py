@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +105,18 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    return torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint this trainer wrote (tensors and plain values only: weights_only)."""
+    fix = "point to the last.pt/best.pt of a run, or delete it (a run then starts from scratch)"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; junk trips the legacy reader
+        raise ValueError(f"checkpoint {path} is not a torch.save file (truncated?); {fix}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        reason = str(exc).split(".")[0]
+        raise ValueError(f"checkpoint {path} cannot be read ({reason}); {fix}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 class Trainer:

@@ -431,6 +431,12 @@ def test_trainable_state_dict_round_trip(tower):
         other.load_trainable_state_dict(state)
 
 
+def test_checkpoint_of_another_shape_is_a_clear_error():
+    state = _small(dataclasses.replace(SMALL, num_prototypes=8)).trainable_state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint shapes do not match .*sgnm\.prototypes "):
+        _small().load_trainable_state_dict(state)
+
+
 def test_text_encoder_must_fit(tower):
     with pytest.raises(ValueError, match="num_classes"):
         tower_module, tokenizer = tower

@@ -199,6 +199,52 @@ def test_bad_weights_file(tmp_path):
         text.build_text_encoder(TextConfig(weights=str(bad)), PROMPTS)
 
 
+def _junk(path):
+    path.write_bytes(b"\x00not a checkpoint" * 64)
+    return str(path)
+
+
+def _wrong_shape_clip(path):
+    """A full-size CLIP state dict in a few kB (every tensor a broadcast zero), one shape off."""
+    with torch.device("meta"):
+        model = open_clip.CLIP(**open_clip.get_model_config(ARCH))
+    state = {
+        k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()
+    }
+    state["token_embedding.weight"] = torch.zeros(()).expand(1000, 512)
+    torch.save(state, path)
+    return str(path)
+
+
+BAD_WEIGHTS = {
+    "unknown tag": (
+        lambda path: "opneai",
+        FileNotFoundError,
+        r"text.weights='opneai': no such file.*'openai'",
+    ),
+    "unreadable file": (
+        _junk,
+        ValueError,
+        r"is not a readable checkpoint \(truncated, or not written by torch.save",
+    ),
+    "wrong shapes": (
+        _wrong_shape_clip,
+        ValueError,
+        r"could not be loaded into text.arch='ViT-B-16-quickgelu': .*size mismatch for "
+        r"token_embedding.weight.*; give a full CLIP checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_bad_text_weights_fail_clearly(tmp_path, case):
+    weights, error, message = BAD_WEIGHTS[case]
+    with pytest.raises(error, match=message) as info:
+        cfg = TextConfig(arch=ARCH, weights=weights(tmp_path / "weights.pt"), layers=1)
+        text.build_text_encoder(cfg, PROMPTS)
+    assert "\n" not in str(info.value)
+
+
 def test_convert_openai_checkpoint(tmp_path):
     src = tmp_path / "scripted.pt"
     module = torch.nn.Linear(3, 2).half()

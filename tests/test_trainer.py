@@ -103,9 +103,16 @@ def test_cli_train_then_evaluate(xd_mini, tmp_path):
         (["train", "--config", "demo", "data.feature_root=/nonexistent"], "data.feature_root"),
         (["train", "--config", "/nonexistent.yaml"], "not found"),
         (["evaluate", "--checkpoint", "/nonexistent/best.pt"], "not found"),
+        (["train", "--config", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML"),
+        (["evaluate", "--checkpoint", "{tmp}/run/best.pt"], "best.pt is not a torch.save file"),
     ],
 )
-def test_cli_errors_are_one_line(argv, message):
+def test_cli_errors_are_one_line(argv, message, tmp_path):
+    (tmp_path / "broken.yaml").write_text("model: {num_prototypes: 4\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(load_config("demo").to_yaml())
+    (tmp_path / "run" / "best.pt").write_bytes(b"half a checkpoint")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
     run = subprocess.run(
         [sys.executable, "-m", "dsanet", *argv, "data.list_dir=/tmp"]
         if argv[0] == "train"
@@ -117,7 +124,7 @@ def test_cli_errors_are_one_line(argv, message):
     )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and message in run.stderr
-    assert run.stderr.strip().startswith("error:")
+    assert run.stderr.strip().startswith("error:") and run.stderr.count("error:") == 1
 
 
 def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_mini, tmp_path):
