@@ -96,7 +96,7 @@ def _ensure(cache_dir: Path, key: str, build) -> Path:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(
+        raise ValueError(
             f"cannot create the feature cache folder {cache_dir} ({exc}); set "
             f"data.cache_dir to a writable folder"
         ) from exc

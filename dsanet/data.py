@@ -191,6 +191,13 @@ def frame_ground_truth(
                     f"file; the list and the annotation do not belong together"
                 )
             for s, e in annotation[name]:
+                if s >= num_frames:  # an end may pass the last frame (it is cut); a start not
+                    raise ValueError(
+                        f"annotation of test video {name!r}: interval [{s}, {e}) starts after "
+                        f"its last frame ({num_rows} feature rows x {frames_per_snippet} = "
+                        f"{num_frames} frames); the features and the annotation do not belong "
+                        f"together: check data.feature_root/test_feature_root and the list"
+                    )
                 gt[start + min(s, num_frames) : start + min(e, num_frames)] = 1.0
         start += num_frames
     return gt
@@ -215,6 +222,21 @@ def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int) -> tupl
                 f"{spec.test_list} has {num_videos} videos; they must be in step"
             )
     return segments, labels
+
+
+def check_gt_segments(
+    path: Path, segments: list, videos: list[str], lengths: np.ndarray, frames_per_snippet: int
+) -> None:
+    """Every gt segment must start inside its test video (ends past the last frame are cut)."""
+    for index, (pairs, name, num_rows) in enumerate(zip(segments, videos, lengths, strict=True)):
+        num_frames = int(num_rows) * frames_per_snippet
+        for pair in pairs:
+            if int(pair[0]) >= num_frames:
+                raise ValueError(
+                    f"{path}, entry {index} ({name}): segment {[int(v) for v in pair]} starts "
+                    f"after the video's last frame ({num_frames} frames from {num_rows} feature "
+                    f"rows); the gt file and the test features do not belong together"
+                )
 
 
 # ---------------------------------------------------------------------------- splits

@@ -15,6 +15,7 @@ from dsanet.cache import PackedTest, PackedTrain, open_test, open_train
 from dsanet.config import DataConfig
 from dsanet.data import (
     VideoList,
+    check_gt_segments,
     frame_ground_truth,
     load_gt_segments,
     read_annotation,
@@ -89,6 +90,13 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
     annotation = read_annotation(list_dir / spec.annotation, spec)
     train = open_train(cache, train_list, length, width)
     packed_test = open_test(cache, test_list, width)
+    check_gt_segments(
+        list_dir / spec.gt_segments,
+        gt_segments,
+        list(test_list.videos),
+        packed_test.lengths,
+        spec.frames_per_snippet,
+    )
     gt_frames = frame_ground_truth(
         list(test_list.videos),
         packed_test.lengths,

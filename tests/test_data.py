@@ -211,6 +211,12 @@ def _rewrite(path: Path, old: str, new: str) -> None:
     path.write_text(path.read_text().replace(old, new, 1))
 
 
+def _replace_segments(path: Path, index: int, pairs: list) -> None:
+    segments = np.load(path, allow_pickle=True)
+    segments[index] = pairs
+    np.save(path, segments, allow_pickle=True)
+
+
 BAD_DATA = {
     "feature root missing": (
         lambda t: None,
@@ -269,6 +275,28 @@ BAD_DATA = {
         {},
         "NaN or inf",
     ),
+    "npy nan": (
+        lambda t: np.save(
+            next(t["features"].glob("testM*")), np.full((5, 512), np.nan, np.float32)
+        ),
+        {},
+        "NaN or inf",
+    ),
+    "gt segment beyond video": (
+        lambda t: _replace_segments(t["lists"] / "gt_segment.npy", 1, [[2000, 2100]]),
+        {},
+        r"gt_segment.npy, entry 1 \(testN.*starts after the video's last frame \(1600 frames",
+    ),
+    "annotation beyond video": (
+        lambda t: _rewrite(t["lists"] / "annotations.txt", "4000 9000", "8400 9000"),
+        {},
+        r"'testA.*\[8400, 9000\) starts after its last frame .* 8320 frames",
+    ),
+    "cache dir not creatable": (
+        lambda t: (t["features"].parent / "plain-file").write_text("x"),
+        {"cache_dir": "{features}/../plain-file/cache"},
+        r"cannot create the feature cache folder .*set data.cache_dir",
+    ),
     "gt and test list differ": (
         lambda t: np.save(
             t["lists"] / "gt_label.npy", np.array([["A"], ["A"]], dtype=object), allow_pickle=True
@@ -289,6 +317,7 @@ BAD_DATA = {
 def test_bad_data_inputs_fail_clearly(tmp_path, case):
     mutate, changes, message = BAD_DATA[case]
     cfg = _tree_with(tmp_path, mutate)
+    changes = {k: v.format(features=cfg.feature_root) for k, v in changes.items()}
     cfg = DataConfig(**{**cfg.__dict__, **changes})
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_data(cfg, 256, 512)
