@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 STUDY_KEY = "_study"  # config key of the fixed study info: {"dir": study folder, "max_t": epochs}
 TRIALS_DIR = "trials"  # <study>/trials/<ray trial id>/ is a trial's train.out_dir
 BASE_FILE = "base.yaml"  # the study's resolved base config, written once by the driver
-REPORTS_FILE = "reports.jsonl"  # one line per reported epoch: what the worker sent, and when
+# One line per reported epoch: what the worker sent, when, and the epoch's seconds; the first
+# line after a (re)start also says when the trainable was entered (bench/bench_search.py).
+REPORTS_FILE = "reports.jsonl"
 PROGRESS_FILE = "progress.json"  # in each checkpoint: {"epochs": epochs done}
 STATE_FILES = ("last.pt", "best.pt")  # dsanet.trainer's CHECKPOINT and BEST
 _STAGE = ".checkpoint"
@@ -44,6 +46,7 @@ _running: set[threading.Thread] = set()  # training threads of this worker proce
 
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one sampled config, reporting every epoch."""
+    entered = time.time()
     from dsanet.trainer import fit  # torch stays out of the driver, which only schedules
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # per epoch
@@ -58,7 +61,8 @@ def run_trial(config: dict[str, Any]) -> None:
     extras = {"out_dir": str(out_dir), "optuna_trial": config.get(OPTUNA_KEY, -1)}
     _running.add(threading.current_thread())
     try:
-        fit(cfg, _Reporter(out_dir, extras, resumed_at), resume=True, bundle=_bundle(cfg))
+        reporter = _Reporter(out_dir, extras, resumed_at, entered)
+        fit(cfg, reporter, resume=True, bundle=_bundle(cfg))
     finally:
         shutil.rmtree(out_dir / _STAGE, ignore_errors=True)
         # Ray's checkpoint holds the state now; the full-state copy here is 3x the weights.
@@ -78,16 +82,24 @@ def trial_config(config: dict[str, Any], study_dir: Path, out_dir: Path) -> Expe
 class _Reporter:
     """fit's on_epoch_end: one `tune.report` per epoch with the trial folder's state."""
 
-    def __init__(self, out_dir: Path, extras: dict[str, Any], resumed_at: int) -> None:
-        self.out_dir, self.extras, self.resumed_at = out_dir, extras, resumed_at
+    def __init__(
+        self, out_dir: Path, extras: dict[str, Any], resumed_at: int, entered: float
+    ) -> None:
+        self.out_dir, self.extras = out_dir, extras
+        self.start = {"resumed_at": resumed_at, "entered": entered}
 
     def __call__(self, record: dict[str, float], out_dir: Path) -> bool:
         epoch = int(record["epoch"])
         metrics = {**record, "epoch": epoch, **self.extras}
-        line = {"epoch": epoch, "pid": os.getpid(), "time": time.time()}
+        line = {
+            "epoch": epoch,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "seconds": record["seconds"],
+        }
         with open(self.out_dir / REPORTS_FILE, "a") as log_file:
-            log_file.write(json.dumps({**line, "resumed_at": self.resumed_at}) + "\n")
-        self.resumed_at = -1  # only the first report after a (re)start carries it
+            log_file.write(json.dumps({**line, "resumed_at": -1, **self.start}) + "\n")
+        self.start = {}  # only the first report after a (re)start carries it
         stage = _stage(out_dir, epochs_done=epoch + 1)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
         return False  # the scheduler stops trials; fit runs to train.epochs otherwise
