@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import sys
 import time
 import zipfile
@@ -89,11 +90,19 @@ def build_model(cfg: ExperimentConfig, bundle_spec, device: torch.device) -> DSA
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, then rename over `path`: a crash or a
+    full disk leaves the previous file (or none), never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports ENOSPC/EFBIG as a RuntimeError
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(
+            f"could not write {path} ({str(exc).splitlines()[0]}; {free:.0f} MiB free there); "
+            f"the previous checkpoint is kept. Free disk space or move train.out_dir (a study's "
+            f"storage_path), then run again: it resumes from the previous checkpoint"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -32,6 +32,7 @@ RAY_DIR = "ray"  # Ray Tune's experiment folder inside the study folder
 DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
 MLFLOW_DB = "mlflow.db"
 TOP_TRIALS = 5
+PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
 _ERRORS = (SpaceError, ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError)
 
 
@@ -111,6 +112,7 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
         )
     storage = Path(args.storage_path).expanduser().resolve() if args.storage_path else None
     root = (storage or Path(spec.storage_path)) / spec.name
+    _check_storage(root, dry_run=args.dry_run)
     resume = _check_folder(root, args.resume)
     spec = dataclasses.replace(spec, num_samples=_study_size(spec, root, args.num_samples))
     base, data_note = _data(spec, root, dry_run=args.dry_run)
@@ -120,6 +122,27 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
         _write_base(root, base)
     uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
     return Plan(spec, root, resume, args.address, args.final_seeds, uri, data_note, resume_command)
+
+
+def _check_storage(root: Path, dry_run: bool) -> None:
+    """The study folder is, or can be made, a writable folder with room for a probe file."""
+    fix = "set storage_path in the space (or --storage-path) to a writable folder with free space"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        kind = "a folder you cannot write to" if existing.is_dir() else "not a folder"
+        raise ValueError(f"storage path {root}: {existing} is {kind}; {fix}")
+    if dry_run:
+        return
+    probe = existing / f".dsanet-write-probe-{os.getpid()}"  # creates no folder of the study
+    try:
+        with open(probe, "wb") as file:
+            file.write(bytes(PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as exc:  # ENOSPC, EDQUOT, EFBIG, EROFS, EACCES: the study could not save
+        raise ValueError(f"storage path {root} cannot be written ({exc.strerror}); {fix}") from exc
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _check_folder(root: Path, resume: bool) -> bool:
