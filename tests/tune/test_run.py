@@ -1,0 +1,75 @@
+"""`python tune/run.py` as users run it: bad input is one `error:` message with the file or
+field and the fix, exit status 2, no traceback, and Ray is never started."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray_fixtures import REPO, RUN_PY, write_space, xd_small_fixture  # noqa: F401
+
+
+def _broken_yaml(space: Path) -> list[str]:
+    space.write_text(space.read_text().replace("search:", "search: {", 1))
+    return ["--space", str(space)]
+
+
+def _unknown_parameter(space: Path) -> list[str]:
+    tree = yaml.safe_load(space.read_text())
+    tree["search"]["optim.lrate"] = [1e-4, 1e-3]
+    space.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return ["--space", str(space)]
+
+
+def _existing_study(space: Path) -> list[str]:
+    (space.parent / "studies" / "t" / "ray").mkdir(parents=True)
+    return ["--space", str(space)]
+
+
+BAD_RUNS = {
+    "space file missing": (
+        lambda space: ["--space", str(space.parent / "nope.yaml")],
+        r"nope\.yaml.*shipped space \[",
+    ),
+    "space yaml syntax": (_broken_yaml, r"space\.yaml: not valid YAML; fix the syntax"),
+    "space unknown parameter": (
+        _unknown_parameter,
+        r"search\.optim\.lrate: 'optim\.lrate' is not an ExperimentConfig field; did you mean",
+    ),
+    "override rejected": (
+        lambda space: ["--space", str(space), "model.attn_window=60"],
+        r"model\.attn_window=60: must be a divisor of model\.visual_length",
+    ),
+    "feature root missing": (
+        lambda space: ["--space", str(space), "data.feature_root=/nonexistent/features"],
+        r"data\.feature_root='/nonexistent/features' is not a folder; fix the path",
+    ),
+    "study exists without --resume": (_existing_study, r"holds a study already; pass --resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case):
+    make_args, message = BAD_RUNS[case]
+    args = make_args(write_space(tmp_path, xd_small))
+    ray_tmp = tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(RUN_PY), *args, "--final-seeds", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("error:") == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert re.search(message, run.stderr, re.S), run.stderr
+    assert not list(ray_tmp.iterdir())  # Ray never started
+    assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
