@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from dsanet.config import ConfigError, field_names, flatten
 from tune.mlflow_queue import PARENT, STATE_FILE, RunQueue, TrackingUnavailable, redact
+from tune.searcher import ADOPTED_KEY
 from tune.space import SpaceSpec, trial_config
 
 __all__ = ["PARENT", "STATE_FILE", "MlflowTracker", "TrackingUnavailable", "RUN_STATUS"]
@@ -218,15 +219,19 @@ class MlflowTracker(Callback):
 
     # ------------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = self._key(trial)
         tags = {TAG_STAGE: "search", "dsanet.trial_id": trial.trial_id}
-        self.open_run(trial.trial_id, f"trial-{trial.trial_id}", self._trial_params(trial), tags)
+        if key != trial.trial_id and self.status_of(key) is not None:
+            self.log(key, tags=tags)  # the run now follows the Ray trial that adopted it
+        self.open_run(key, f"trial-{trial.trial_id}", self._trial_params(trial), tags)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        if trial.trial_id not in self._queue.runs:
+        key = self._key(trial)
+        if key not in self._queue.runs:
             self.on_trial_start(iteration, trials, trial)
-        record = self._queue.runs[trial.trial_id]
+        record = self._queue.runs[key]
         if isinstance(result.get("out_dir"), str):
             record["out_dir"] = result["out_dir"]
         epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
@@ -235,27 +240,44 @@ class MlflowTracker(Callback):
         record["last_epoch"] = epoch
         metrics = {k: v for k, v in result.items() if k not in _RAY_KEYS and k not in _TAG_KEYS}
         tags = {tag: str(result[k]) for k, tag in _TAG_KEYS.items() if k in result}
-        self.log(trial.trial_id, metrics, step=epoch, tags=tags)
+        self.log(key, metrics, step=epoch, tags=tags)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        record = self._queue.runs.get(trial.trial_id)
+        key = self._key(trial)
+        record = self._queue.runs.get(key)
         if record is None:
             return
-        self._log_trial_files(trial.trial_id, ("best.pt", "config.yaml"))
+        self._log_trial_files(key, ("best.pt", "config.yaml"))
         done = record["last_epoch"] + 1 >= self.spec.scheduler.max_t
-        self.close_run(trial.trial_id, "FINISHED" if done else "PRUNED")
+        self.close_run(key, "FINISHED" if done else "PRUNED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id not in self._queue.runs:
+        key = self._key(trial)
+        if key not in self._queue.runs:
             self.on_trial_start(iteration, trials, trial)
-        self._log_trial_files(trial.trial_id, ("config.yaml",))
-        self.close_run(trial.trial_id, "FAILED", {"dsanet.error": _error_line(trial)})
+        self._log_trial_files(key, ("config.yaml",))
+        self.close_run(key, "FAILED", {"dsanet.error": _error_line(trial)})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._close_running("INTERRUPTED")  # trials left running by Ctrl-C
         self.flush(0.0)
 
     # ------------------------------------------------------------------ helpers
+    def _key(self, trial: Any) -> str:
+        """The run key of a Ray trial: its id; or, when it adopted the Optuna trial of a Ray
+        trial lost with a killed driver (config `_adopted_from`), the key of that trial's run,
+        so the Optuna trial keeps one MLflow run and its epochs are logged once."""
+        aliases: dict[str, str] = self._queue.state.setdefault("aliases", {})
+        if trial.trial_id in aliases:
+            return aliases[trial.trial_id]
+        previous = (trial.config or {}).get(ADOPTED_KEY)
+        if previous and trial.trial_id not in self._queue.runs:
+            key = aliases.get(previous, previous)
+            if key in self._queue.runs:
+                aliases[trial.trial_id] = key
+                return key
+        return trial.trial_id
+
     def _close_running(self, status: str) -> None:
         for key, record in list(self._queue.runs.items()):
             if key != PARENT and record["status"] == "RUNNING":

@@ -44,11 +44,12 @@ def epochs_of(trial) -> list[int]:
 
 
 def assert_mlflow_matches(root: Path, trials: list) -> None:
-    """One finished MLflow run per trial, holding each of its epochs exactly once."""
+    """One finished MLflow run per trial, holding each of its epochs exactly once. A run is
+    found by the Ray trial that last ran it (an adopted trial continues its predecessor's)."""
     from mlflow import MlflowClient
 
     children = mlflow_children(root)
-    by_trial = {r.data.tags["dsanet.run_key"]: r for r in children}
+    by_trial = {r.data.tags["dsanet.trial_id"]: r for r in children}
     assert len(children) == len(by_trial) == len(trials)
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     for trial in trials:
@@ -293,7 +294,8 @@ def test_resume_after_a_kill_before_ray_saved_any_trial(tmp_path, xd_small, ray_
     root = tmp_path / "studies" / "t"
     proc = start_study(["--space", str(space), "--final-seeds", "0"], tmp_path / "1.log", ray_tmp)
     try:
-        wait_for(lambda: bool(study_trials(root)), proc, timeout=180)
+        # Killed once a trial has its MLflow run, before it reports an epoch.
+        wait_for(lambda: bool(study_trials(root) and _has_children(root)), proc, timeout=180)
         asked = {t.number: t.params for t in study_trials(root)}
         assert not any(t.intermediate_values for t in study_trials(root))
     finally:
@@ -309,14 +311,25 @@ def test_resume_after_a_kill_before_ray_saved_any_trial(tmp_path, xd_small, ray_
     for t in trials:
         assert epochs_of(t) == [1]
         assert [r["epoch"] for r in reports(root, t.user_attrs["ray_trial_id"])] == [0]
-    lost = {t.user_attrs.get("adopted_from") for t in trials} - {None}
-    runs = {r.data.tags["dsanet.run_key"] for r in mlflow_children(root)}
-    if runs & lost:
-        pytest.xfail(
-            f"MLflow keeps runs of the lost Ray trials {sorted(runs & lost)}: tune/tracking.py "
-            f"should continue the run of config['_adopted_from'] instead of opening another"
+    adopted = [t for t in trials if t.user_attrs.get("adopted_from")]
+    assert adopted
+    runs = {r.data.tags["dsanet.run_key"]: r for r in mlflow_children(root)}
+    for t in adopted:  # the lost Ray trial's run is continued, not left beside a new one
+        assert (
+            runs[t.user_attrs["adopted_from"]].data.tags["dsanet.trial_id"]
+            == (t.user_attrs["ray_trial_id"])
         )
     assert_mlflow_matches(root, trials)
+
+
+def _has_children(root: Path) -> bool:
+    """Whether MLflow has accepted a trial run of the study (read from the tracker's state file,
+    which is cheap enough to poll)."""
+    try:
+        runs = json.loads((root / "mlflow_state.json").read_text())["runs"]
+    except (OSError, ValueError):  # not written yet, or replaced while being read
+        return False
+    return any(key != "study" and record.get("run_id") for key, record in runs.items())
 
 
 def _forget_ray_trials(ray_dir: Path) -> None:
