@@ -305,8 +305,9 @@ def iterate_batches(
 ) -> Iterator[Batch]:
     """Gather each batch from the (memory-mapped) fixed-length cache, in sorted row order."""
     for rows in batches:
-        order = np.argsort(rows, kind="stable")  # sequential reads from the memory map
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        gathered = np.asarray(features[rows[order]])[inverse]
+        gathered = np.empty((len(rows), *features.shape[1:]), dtype=features.dtype)
+        # Row by row straight into its slot: sequential reads from the memory map and one copy
+        # (a fancy-indexed read and a reorder copied every batch twice: bench/RESULTS.md, B3).
+        for slot in np.argsort(rows, kind="stable"):
+            gathered[slot] = features[rows[slot]]
         yield Batch(gathered, lengths[rows].astype(np.int64), targets[rows])
