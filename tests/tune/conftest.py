@@ -27,7 +27,7 @@ REPO, SHARED, FIXTURES = _top.REPO, _top.SHARED, _top.FIXTURES
 tiny_run_overrides, write_tiny_tree = _top.tiny_run_overrides, _top.write_tiny_tree
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
-START_TIMEOUT_S = 120.0  # 8-18 s on an idle 2-core machine; more when it is shared
+START_TIMEOUT_S = 300.0  # 8-18 s on an idle 2-core machine; minutes when it is shared
 
 
 def free_port() -> int:
