@@ -1,0 +1,52 @@
+"""Smoke tests of the benchmarks: each `--quick` run exits 0 and prints its result row.
+
+No timing is asserted; the numbers live in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "xd_metrics_seed0.npz"
+
+
+def _quick(script: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_step_quick_losses_equal():
+    out = _quick("bench_step.py")
+    assert "| B1 training step" in out
+    assert "losses equal" in out and "gradients equal" in out
+
+
+def test_eval_quick():
+    out = _quick("bench_eval.py")
+    assert "| B2 test-set evaluation vs training epoch" in out
+    assert "% of an epoch" in out
+
+
+def test_data_quick_rows_equal():
+    out = _quick("bench_data.py")
+    assert "| B3 epoch data time" in out and "rows equal" in out
+    assert "| B3 resident memory, 2 process(es)" in out
+
+
+@pytest.mark.skipif(not FIXTURE.is_file(), reason="needs ../shared/fixtures")
+def test_map_quick():
+    assert "| segment mAP, XD fixture" in _quick("bench_map.py")
