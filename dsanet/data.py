@@ -191,12 +191,14 @@ def frame_ground_truth(
                     f"file; the list and the annotation do not belong together"
                 )
             for s, e in annotation[name]:
-                if s >= num_frames:  # an end may pass the last frame (it is cut); a start not
+                if s >= num_frames + frames_per_snippet:  # see check_gt_segments
                     raise ValueError(
                         f"annotation of test video {name!r}: interval [{s}, {e}) starts after "
                         f"its last frame ({num_rows} feature rows x {frames_per_snippet} = "
-                        f"{num_frames} frames); the features and the annotation do not belong "
-                        f"together: check data.feature_root/test_feature_root and the list"
+                        f"{num_frames} frames, plus the {frames_per_snippet - 1} raw frames a "
+                        f"last partial snippet may hold); the features and the annotation do "
+                        f"not belong together: check data.feature_root/test_feature_root and "
+                        f"the list"
                     )
                 gt[start + min(s, num_frames) : start + min(e, num_frames)] = 1.0
         start += num_frames
@@ -227,15 +229,21 @@ def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int) -> tupl
 def check_gt_segments(
     path: Path, segments: list, videos: list[str], lengths: np.ndarray, frames_per_snippet: int
 ) -> None:
-    """Every gt segment must start inside its test video (ends past the last frame are cut)."""
+    """Every gt segment must start inside its test video; ends past the last frame are cut.
+
+    Feature extraction drops a video's last partial snippet (up to `frames_per_snippet - 1` raw
+    frames, which the annotations still cover), so a segment may start that far past the
+    features' last frame; further means the gt and the features are of different videos.
+    """
     for index, (pairs, name, num_rows) in enumerate(zip(segments, videos, lengths, strict=True)):
         num_frames = int(num_rows) * frames_per_snippet
         for pair in pairs:
-            if int(pair[0]) >= num_frames:
+            if int(pair[0]) >= num_frames + frames_per_snippet:
                 raise ValueError(
                     f"{path}, entry {index} ({name}): segment {[int(v) for v in pair]} starts "
                     f"after the video's last frame ({num_frames} frames from {num_rows} feature "
-                    f"rows); the gt file and the test features do not belong together"
+                    f"rows, plus up to {frames_per_snippet - 1} raw frames of a dropped partial "
+                    f"snippet); the gt file and the test features do not belong together"
                 )
 
 

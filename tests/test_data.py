@@ -323,6 +323,27 @@ def test_bad_data_inputs_fail_clearly(tmp_path, case):
         load_data(cfg, 256, 512)
 
 
+@pytest.mark.parametrize("past", [0, 15, 16])
+def test_gt_may_start_in_the_dropped_partial_snippet(tmp_path, past):
+    # Features hold whole 16-frame snippets; the raw frames of a last partial one (up to 15)
+    # are still annotated, so a gt start there is real data, one snippet further is not.
+    def starting_at(start: int, end: int):
+        def mutate(t):
+            _replace_segments(t["lists"] / "gt_segment.npy", 1, [[1600 + start, 1600 + end]])
+            _rewrite(t["lists"] / "annotations.txt", "4000 9000", f"{8320 + start} {8320 + end}")
+
+        return mutate
+
+    cfg = _tree_with(tmp_path / "past", starting_at(past, 100))
+    if past >= 16:
+        with pytest.raises(ValueError, match=r"gt_segment.npy, entry 1 .*starts after"):
+            load_data(cfg, 256, 512)
+        return
+    gt = load_data(cfg, 256, 512).test.gt_frames
+    empty = load_data(_tree_with(tmp_path / "empty", starting_at(0, 0)), 256, 512).test.gt_frames
+    np.testing.assert_array_equal(gt, empty)  # nothing past the features is marked
+
+
 @pytest.mark.parametrize("preset, scale", [("xd-full", 0.03), ("ucf-mini", 1.0)])
 def test_loader_reads_synthetic_trees_like_real_ones(tmp_path, preset, scale):
     from dsanet.synth import generate
