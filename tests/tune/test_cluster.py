@@ -108,18 +108,23 @@ def _test_cluster_config(sshd: dict[str, Path], name: str) -> dict:
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     ray_tmp, port = sshd["base"] / "r", free_port()
     venv = Path(sys.executable).parent.parent
+    auth = [c for c in config["setup_commands"] if "RAY_AUTH_MODE" in c]
+    assert auth, "tune/cluster.yaml no longer sets RAY_AUTH_MODE on the nodes"
     config.update(
         cluster_name=name,
         min_workers=0,
         max_workers=0,
+        # `--address auto` takes RAY_ADDRESS first: with other Rays on this machine (other
+        # tests, other users), auto-detection alone could join one of them.
         setup_commands=[
             f"echo 'source {venv}/bin/activate' >> ~/.bashrc",
-            f"echo 'export RAY_TMPDIR={ray_tmp} RAY_CHDIR_TO_TRIAL_DIR=0' >> ~/.bashrc",
+            f"echo 'export RAY_TMPDIR={ray_tmp} RAY_ADDRESS=127.0.0.1:{port}' >> ~/.bashrc",
+            *auth,  # the shipped setting, as every node gets it
         ],
         head_start_ray_commands=[
-            f"ray start --head --port={port} --num-cpus=2 --num-gpus=0 --temp-dir={ray_tmp} "
-            "--include-dashboard=false --disable-usage-stats "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml"
+            f"ray start --head --node-ip-address=127.0.0.1 --port={port} --num-cpus=2 "
+            f"--num-gpus=0 --temp-dir={ray_tmp} --include-dashboard=false "
+            "--disable-usage-stats --autoscaling-config=~/ray_bootstrap_config.yaml"
         ],
     )
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
