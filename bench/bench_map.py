@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import machine  # bench/ is the script's folder, first on sys.path
 
 from dsanet import metrics
 from dsanet.datasets import load_spec
@@ -39,19 +38,6 @@ def load_inputs() -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict]:
     segments = np.load(data / spec.gt_segments, allow_pickle=True)
     labels = np.load(data / spec.gt_labels, allow_pickle=True)
     return frames, segments, labels, meta
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        model = names[0] if names else model
-    return f"{os.cpu_count()}-core {model}"
 
 
 def main(argv: list[str] | None = None) -> None:

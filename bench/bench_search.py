@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_map import machine  # bench/ is the script's folder, first on sys.path
+from common import machine  # bench/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = Path(os.environ.get("DSANET_BENCH_SCRATCH", "/work/scratch/bench5"))

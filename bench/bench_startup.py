@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_map import machine  # bench/ is the script's folder, first on sys.path
+from common import machine  # bench/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 

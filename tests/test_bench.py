@@ -50,3 +50,12 @@ def test_data_quick_rows_equal():
 @pytest.mark.skipif(not FIXTURE.is_file(), reason="needs ../shared/fixtures")
 def test_map_quick():
     assert "| segment mAP, XD fixture" in _quick("bench_map.py")
+
+
+@pytest.mark.slow  # a few model builds and two worker processes: minutes on 2 busy cores
+def test_gpu_bench_quick_runs_on_cpu():
+    # B6's code path (fp32/bf16 steps, packed workers) on tiny CPU shapes; figures need a GPU.
+    rows = [line for line in _quick("bench_gpu.py").splitlines() if line.startswith("| B6 ")]
+    assert len(rows) == 3, rows
+    assert "fp32" in rows[0] and "bf16" in rows[0]
+    assert all("steps/s in all" in r for r in rows[1:]), rows

@@ -206,3 +206,16 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def assert_resumed_from_checkpoint(root: Path, trial: Any, lost_pid: int, epochs: int) -> None:
+    """The trial's worker `lost_pid` died (killed, or its node removed) and another worker
+    finished it from Ray's last registered checkpoint: at most the epoch in flight when the
+    worker died (reported, not yet registered by the driver) runs twice, never from scratch."""
+    lines = reports(root, trial.user_attrs["ray_trial_id"])
+    before = [line["epoch"] for line in lines if line["pid"] == lost_pid]
+    after = [line for line in lines if line["pid"] != lost_pid]
+    assert before == list(range(len(before))) and after, "no epoch ran after the worker died"
+    start = after[0]["resumed_at"]
+    assert start in (len(before), len(before) - 1) and start > 0
+    assert [line["epoch"] for line in after] == list(range(start, epochs))

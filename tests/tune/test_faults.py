@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ray_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
     REPO,
     RUN_PY,
+    assert_resumed_from_checkpoint,
     local_ray_fixture,
     mlflow_children,
     reports,
@@ -79,15 +80,7 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, xd_sm
     (trial,) = study_trials(root)  # once, complete, every epoch told to Optuna once
     assert trial.state == TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
-    lines = reports(root, trial.user_attrs["ray_trial_id"])
-    before = [line["epoch"] for line in lines if line["pid"] == killed[0]]
-    after = [line for line in lines if line["pid"] != killed[0]]
-    assert before == list(range(len(before))) and after, "no epoch ran after the kill"
-    start = after[0]["resumed_at"]
-    # From Ray's last registered checkpoint: at most the epoch in flight at the kill (reported
-    # by the worker, not yet registered by the driver) runs twice, never from scratch.
-    assert start in (len(before), len(before) - 1) and start > 0
-    assert [line["epoch"] for line in after] == list(range(start, EPOCHS))
+    assert_resumed_from_checkpoint(root, trial, killed[0], EPOCHS)
 
     (run,) = mlflow_children(root)  # one MLflow run, each finished epoch in it exactly once
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

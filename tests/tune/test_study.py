@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 from ray_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
     MAX_T,
+    assert_resumed_from_checkpoint,
     kill_study,
     local_ray_fixture,
     mlflow_children,
@@ -103,15 +104,7 @@ def test_trial_finishes_from_its_checkpoint_when_its_node_is_removed(tmp_path, x
     assert removed, "the trial's node was never removed"
     (trial,) = study_trials(root)
     assert trial.state == TrialState.COMPLETE and epochs_of(trial) == list(range(1, epochs + 1))
-    lines = reports(root, trial.user_attrs["ray_trial_id"])
-    before = [line["epoch"] for line in lines if line["pid"] == removed[0]]
-    after = [line for line in lines if line["pid"] != removed[0]]
-    assert before == list(range(len(before))) and after, "no epoch ran on the other node"
-    start = after[0]["resumed_at"]
-    # From the last checkpoint Ray registered: the last epoch reported before the removal (or
-    # the one before it, if the node went while the driver was registering it), not epoch 0.
-    assert start in (len(before), len(before) - 1) and start > 0
-    assert [line["epoch"] for line in after] == list(range(start, epochs))
+    assert_resumed_from_checkpoint(root, trial, removed[0], epochs)
 
 
 def _node_of(pid: int, nodes: list) -> object:
