@@ -1,4 +1,5 @@
-"""Fixtures of the search tests: a real `mlflow server` on 127.0.0.1, and the top-level helpers.
+"""Fixtures of the search tests: a real `mlflow server` on 127.0.0.1, small synthetic data, a
+local Ray, short Ray temp dirs; and the top-level helpers.
 
 `import conftest` in a test under tests/tune finds this file first, so the helpers of
 tests/conftest.py are re-exported here.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,6 +116,39 @@ def own_mlflow_server(tmp_path) -> MlflowServer:
     server = MlflowServer(tmp_path / "mlflow-server").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def xd_small(tmp_path_factory) -> dict[str, Path]:
+    """A quarter-size synthetic xd-mini (40 train / 20 test videos): epochs of about a second."""
+    from dsanet.synth import generate
+
+    out = tmp_path_factory.mktemp("xd-small") / "data"
+    generate("xd-mini", out, seed=0, scale=0.25)
+    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    """An in-process local Ray with 2 CPUs and a short temp dir; `tune.study.main` uses it."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay short
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A short temp dir for the Ray sessions of subprocess studies, removed afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_space(

@@ -1,7 +1,8 @@
 """Fixtures and helpers for search tests on a real Ray: small data, spaces, processes.
 
-Test modules import what they use (`from ray_fixtures import ...`), the fixtures by their
-`*_fixture` function names. Ray is always started with
+Test modules import the helpers they use (`from ray_fixtures import ...`); the fixtures
+(`xd_small`, `local_ray`, `ray_tmp`) live in conftest.py, so the session's data is made once.
+Ray is always started with
 `address="local"` or as a `ray.cluster_utils.Cluster` of this test, never joined; processes are
 stopped by the PIDs the test started, never with `ray stop`.
 """
@@ -10,17 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 _top_spec = importlib.util.spec_from_file_location(
@@ -31,31 +29,6 @@ _top_spec.loader.exec_module(_top)
 REPO = _top.REPO
 RUN_PY = REPO / "tune" / "run.py"
 MAX_T = 3  # epochs of every test trial
-
-
-@pytest.fixture(scope="session", name="xd_small")
-def xd_small_fixture(tmp_path_factory) -> dict[str, Path]:
-    """A quarter-size synthetic xd-mini (40 train / 20 test videos): epochs of about a second."""
-    from dsanet.synth import generate
-
-    out = tmp_path_factory.mktemp("xd-small") / "data"
-    generate("xd-mini", out, seed=0, scale=0.25)
-    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
-
-
-@pytest.fixture(name="local_ray")
-def local_ray_fixture() -> Iterator[None]:
-    """An in-process local Ray with 2 CPUs and a short temp dir; `tune.study.main` uses it."""
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay short
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def tiny_overrides(data: dict[str, Path], **more: Any) -> dict[str, Any]:
@@ -133,14 +106,6 @@ def mlflow_children(root: Path) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-@pytest.fixture(name="ray_tmp")
-def ray_tmp_fixture() -> Iterator[Path]:
-    """A short temp dir for the Ray sessions of subprocess studies, removed afterwards."""
-    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    yield temp
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def start_study(args: list[str], log: Path, ray_tmp: Path) -> subprocess.Popen:

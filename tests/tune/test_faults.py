@@ -20,17 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from optuna.trial import TrialState
-from ray_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
+from ray_fixtures import (
     REPO,
     RUN_PY,
     assert_resumed_from_checkpoint,
-    local_ray_fixture,
     mlflow_children,
     reports,
     study_trials,
     tiny_overrides,
     write_space,
-    xd_small_fixture,
 )
 
 from dsanet.trainer import load_checkpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_fixtures import REPO, RUN_PY, write_space, xd_small_fixture  # noqa: F401
+from ray_fixtures import REPO, RUN_PY, write_space
 
 
 def _broken_yaml(space: Path) -> list[str]:

@@ -8,14 +8,12 @@ import ast
 from pathlib import Path
 
 import pytest
-from ray_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
+from ray_fixtures import (
     REPO,
-    ray_tmp_fixture,
     start_study,
     study_trials,
     tiny_overrides,
     write_space,
-    xd_small_fixture,
 )
 
 SOURCES = sorted(p for folder in ("dsanet", "tune", "bench") for p in (REPO / folder).rglob("*.py"))
