@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class RunQueue:
         self.experiment, self.path = experiment, study_dir / STATE_FILE
         self.client = MlflowClient(tracking_uri=self.uri)
         self.outage_since: float | None = None
+        self._artifact_uris: dict[str, str] = {}  # run id -> its artifact URI
         self.last_warning = 0.0
         check_reachable(self.client, self.uri, space)
         self.state = _load_state(self.path)
@@ -170,16 +173,26 @@ class RunQueue:
             for i in range(0, max(len(metrics), len(tags)), _BATCH):
                 self.client.log_batch(run_id, metrics[i : i + _BATCH], tags=tags[i : i + _BATCH])
         elif op["op"] == "artifact":
-            log_files = (
-                self.client.log_artifacts
-                if Path(op["path"]).is_dir()
-                else (self.client.log_artifact)
-            )
-            log_files(run_id, op["path"], op["dest"])
+            self._log_files(run_id, Path(op["path"]), op["dest"])
         elif op["status"] == "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         else:
             self.client.set_terminated(run_id, op["status"])
+
+    def _log_files(self, run_id: str, path: Path, dest: str | None) -> None:
+        """`log_artifact(s)`; a checkpoint going to a local artifact folder on the same
+        filesystem is hard-linked there instead of copied (checkpoints are most of a study's
+        bytes, and dsanet only ever replaces a `.pt` file whole, never edits it in place)."""
+        if path.suffix == ".pt" and path.is_file():
+            if run_id not in self._artifact_uris:
+                self._artifact_uris[run_id] = self.client.get_run(run_id).info.artifact_uri
+            folder = local_folder(self._artifact_uris[run_id])
+            if folder is not None and _link_into(path, folder / (dest or "")):
+                return
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), dest)
+        else:
+            self.client.log_artifact(run_id, str(path), dest)
 
     def _create(self, op: dict[str, Any]) -> None:
         """Create a run once. A child run already carrying this key (a kill between its
@@ -297,6 +310,32 @@ def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
     return None
+
+
+def local_folder(artifact_uri: str) -> Path | None:
+    """The folder of a `file:` or plain-path artifact URI; None for any remote or proxied store
+    (`mlflow-artifacts:`, `s3:`, ...), which only MLflow's own client may write."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def _link_into(path: Path, folder: Path) -> bool:
+    """Hard-link a file into `folder` under its name, atomically; False if links cannot be made
+    (another filesystem, or not supported), in which case nothing is left behind."""
+    target = folder / path.name
+    tmp = folder / f".{path.name}.link-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, target)
+    return True
 
 
 def _fail(message: str) -> str:

@@ -360,7 +360,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) ->
     param_space = {STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}}
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
     reporter = _progress_reporter(spec)
-    callbacks = [tracker, SlimFinishedCheckpoints()]
+    callbacks = [SlimFinishedCheckpoints(), tracker]  # slimming first: the tracker links to it
     if plan.resume and _restorable(plan.ray_dir):
         # Errored trials were told FAIL to Optuna after Ray's retries: they stay errored.
         tuner = tune.Tuner.restore(

@@ -13,6 +13,7 @@ share. Inside a trial only `ray.tune.report/get_checkpoint/get_context/Checkpoin
 from __future__ import annotations
 
 import atexit
+import filecmp
 import json
 import logging
 import os
@@ -106,16 +107,47 @@ class _Reporter:
 
 
 class SlimFinishedCheckpoints(Callback):
-    """Drop `last.pt` (optimizer state included) from a finished trial's Ray checkpoint.
+    """Disk hygiene when a trial ends: one copy of its weights instead of three.
 
-    Only a running trial resumes from it; `best.pt`, `config.yaml` and the epoch count stay.
-    A trial restored from such a checkpoint (Ray's snapshot lagging a crash) just ends.
+    Drops `last.pt` (optimizer state included) from the trial's Ray checkpoint: only a running
+    trial resumes from it; `best.pt`, `config.yaml` and the epoch count stay. A trial restored
+    from such a checkpoint (Ray's snapshot lagging a crash) just ends. The trial folder's
+    `best.pt`, a byte-identical copy of the checkpoint's, becomes a hard link to it (the MLflow
+    tracker, after this callback, links its artifact to the same file where it can).
     """
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         checkpoint = trial.checkpoint
-        if checkpoint is not None and Path(checkpoint.path).is_dir():  # local or shared storage
-            (Path(checkpoint.path) / STATE_FILES[0]).unlink(missing_ok=True)
+        if checkpoint is None or not Path(checkpoint.path).is_dir():  # remote storage
+            return
+        saved = Path(checkpoint.path)
+        (saved / STATE_FILES[0]).unlink(missing_ok=True)
+        study = (trial.config or {}).get(STUDY_KEY) or {}
+        if "dir" in study:
+            out_dir = Path(study["dir"]) / TRIALS_DIR / trial.trial_id
+            share_file(saved / STATE_FILES[1], out_dir / STATE_FILES[1])
+
+
+def share_file(source: Path, copy: Path) -> bool:
+    """Replace `copy` by a hard link to `source` when both hold the same bytes (True if done).
+
+    Files here are written once (the trainer replaces its files atomically), so a shared inode
+    never sees a change; on different filesystems, or with different bytes, nothing happens.
+    """
+    try:
+        if copy.samefile(source):
+            return True
+        if not filecmp.cmp(source, copy, shallow=False):
+            return False
+    except OSError:  # either file missing
+        return False
+    tmp = copy.with_name(f".{copy.name}.link-{os.getpid()}")
+    try:
+        os.link(source, tmp)
+    except OSError:  # another filesystem, or links not supported
+        return False
+    os.replace(tmp, copy)
+    return True
 
 
 def _stage(out_dir: Path, epochs_done: int) -> Path:

@@ -15,20 +15,17 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
-from ray_fixtures import (  # noqa: F401  (the *_fixture imports register fixtures)
+from ray_fixtures import (
     MAX_T,
     assert_resumed_from_checkpoint,
     kill_study,
-    local_ray_fixture,
     mlflow_children,
-    ray_tmp_fixture,
     reports,
     start_study,
     study_trials,
     tiny_overrides,
     wait_for,
     write_space,
-    xd_small_fixture,
 )
 
 from tune.study import main
@@ -58,6 +55,20 @@ def assert_mlflow_matches(root: Path, trials: list) -> None:
         assert run.info.status != "RUNNING"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")]
         assert sorted(steps) == [e - 1 for e in epochs_of(trial)]
+
+
+def test_share_file_links_identical_bytes_only(tmp_path):
+    from tune.trainable import share_file
+
+    source, twin, other = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    source.write_bytes(b"weights" * 1000)
+    twin.write_bytes(b"weights" * 1000)
+    other.write_bytes(b"weightz" * 1000)
+    assert share_file(source, twin) and twin.samefile(source) and source.stat().st_nlink == 2
+    assert share_file(source, twin)  # already one file
+    assert not share_file(source, other) and other.read_bytes() == b"weightz" * 1000
+    assert not share_file(source, tmp_path / "missing.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "c.pt"]
 
 
 # ---------------------------------------------------------------------------- a 2-node cluster
@@ -181,6 +192,15 @@ def test_asha_stops_are_pruned_in_optuna(tmp_path, xd_small, local_ray):
             "reports.jsonl",
         ]
     assert_mlflow_matches(root, trials)
+    # One file for a trial's weights: the trial folder, Ray's checkpoint and MLflow share it.
+    artifacts = {r.data.tags["dsanet.trial_id"]: r.info.artifact_uri for r in mlflow_children(root)}
+    for t in trials:
+        trial_id = t.user_attrs["ray_trial_id"]
+        (checkpoint,) = (root / "ray" / trial_id).glob("checkpoint_*")
+        best = root / "trials" / trial_id / "best.pt"
+        assert best.samefile(checkpoint / "best.pt")
+        assert best.samefile(Path(artifacts[trial_id]) / "best.pt")
+        assert best.stat().st_nlink == 3
 
 
 @pytest.mark.slow

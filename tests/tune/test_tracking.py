@@ -191,8 +191,14 @@ def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     tracker.finish_parent("FINISHED")
     tracker.close()
     _, children = runs_of(MlflowClient(tracker.tracking_uri), "local")
-    assert children[0].info.artifact_uri.startswith(str(study.resolve() / "mlartifacts"))
-    assert (Path(children[0].info.artifact_uri) / "best.pt").is_file()
+    artifacts = Path(children[0].info.artifact_uri)
+    assert str(artifacts).startswith(str(study.resolve() / "mlartifacts"))
+    folder = tmp_path / "trials" / "t1"
+    # A checkpoint is hard-linked into the local artifact folder, other files are copied.
+    assert (artifacts / "best.pt").samefile(folder / "best.pt")
+    assert (artifacts / "config.yaml").read_text() == (folder / "config.yaml").read_text()
+    assert not (artifacts / "config.yaml").samefile(folder / "config.yaml")
+    assert not list(artifacts.glob(".*"))  # no temporary link left
 
 
 @pytest.mark.slow  # two extra server starts
