@@ -281,6 +281,8 @@ def fit(
     trainer = Trainer(cfg, bundle)
     out = trainer.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):  # a run killed mid-write (one run owns a folder)
+        stale.unlink(missing_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     if resume and (out / CHECKPOINT).is_file():
         trainer.resume(out / CHECKPOINT)

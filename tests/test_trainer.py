@@ -32,7 +32,11 @@ def test_resume_continues_exactly(xd_mini, tmp_path):
     cfg = _config(xd_mini, tmp_path / "resumed")
     with pytest.raises(Crash):
         fit(cfg, on_epoch_end=crash_after_first)
+    # A kill during a checkpoint write leaves its temporary file (300 MB at the demo size).
+    stale = tmp_path / "resumed" / f".{CHECKPOINT}.tmp-999999"
+    stale.write_bytes(b"partial")
     resumed = fit(cfg)
+    assert not stale.exists()
     assert len(resumed.history) == len(straight.history) == 2
     for a, b in zip(straight.history, resumed.history, strict=False):
         for key in a:
