@@ -313,6 +313,7 @@ def test_resume_after_a_kill_before_ray_saved_any_trial(tmp_path, xd_small, ray_
         assert not any(t.intermediate_values for t in study_trials(root))
     finally:
         kill_study(proc)
+    had_run = _run_keys(root)  # the other trial may still have been PENDING, without a run
     _forget_ray_trials(root / "ray")
     resumed = start_study(
         ["--space", str(space), "--final-seeds", "0", "--resume"], tmp_path / "2.log", ray_tmp
@@ -324,25 +325,30 @@ def test_resume_after_a_kill_before_ray_saved_any_trial(tmp_path, xd_small, ray_
     for t in trials:
         assert epochs_of(t) == [1]
         assert [r["epoch"] for r in reports(root, t.user_attrs["ray_trial_id"])] == [0]
-    adopted = [t for t in trials if t.user_attrs.get("adopted_from")]
-    assert adopted
+    adopted = {t.user_attrs["adopted_from"]: t for t in trials if t.user_attrs.get("adopted_from")}
+    assert had_run and had_run <= adopted.keys()  # Ray lost both trials
     runs = {r.data.tags["dsanet.run_key"]: r for r in mlflow_children(root)}
-    for t in adopted:  # the lost Ray trial's run is continued, not left beside a new one
-        assert (
-            runs[t.user_attrs["adopted_from"]].data.tags["dsanet.trial_id"]
-            == (t.user_attrs["ray_trial_id"])
-        )
+    for lost, t in adopted.items():
+        # A lost trial's run is continued, not left beside a new one; one without a run gets
+        # its own under the new Ray id.
+        key = lost if lost in had_run else t.user_attrs["ray_trial_id"]
+        assert runs[key].data.tags["dsanet.trial_id"] == t.user_attrs["ray_trial_id"]
     assert_mlflow_matches(root, trials)
 
 
-def _has_children(root: Path) -> bool:
-    """Whether MLflow has accepted a trial run of the study (read from the tracker's state file,
-    which is cheap enough to poll)."""
+def _run_keys(root: Path) -> set[str]:
+    """The trials whose MLflow run exists (read from the tracker's state file, which is cheap
+    enough to poll)."""
     try:
         runs = json.loads((root / "mlflow_state.json").read_text())["runs"]
     except (OSError, ValueError):  # not written yet, or replaced while being read
-        return False
-    return any(key != "study" and record.get("run_id") for key, record in runs.items())
+        return set()
+    return {key for key, record in runs.items() if key != "study" and record.get("run_id")}
+
+
+def _has_children(root: Path) -> bool:
+    """Whether MLflow has accepted a trial run of the study."""
+    return bool(_run_keys(root))
 
 
 def _forget_ray_trials(ray_dir: Path) -> None:
