@@ -295,6 +295,8 @@ def fit(
         )
         if on_epoch_end is not None and on_epoch_end(record, out):
             break
+    if not trainer.select_key:  # protocol final: the last epoch is the model
+        save_atomic(trainer.model.trainable_state_dict(), out / BEST)
     test = trainer.final_test()
     result = FitResult(
         trainer.best_epoch, trainer.best_metric, trainer.select_key, trainer.history, test, out

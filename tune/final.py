@@ -18,7 +18,7 @@ import numpy as np
 
 from dsanet.config import ExperimentConfig, flatten
 from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
-from dsanet.trainer import RESULT, fit
+from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 from tune.report import write_best_trial_artifacts
 from tune.space import SpaceSpec
 from tune.tracking import PARENT, TAG_STAGE, MlflowTracker
@@ -95,9 +95,16 @@ def train_seeds(configs: Mapping[int, ExperimentConfig], spec: SpaceSpec) -> dic
 
 
 def fit_seed(cfg: ExperimentConfig) -> str:
-    """One retrain (a Ray task or a plain call); resumes from its last.pt if interrupted."""
+    """One retrain (a Ray task or a plain call); resumes from its last.pt if interrupted.
+
+    Once its result.json is written the seed is never trained again, so last.pt (optimiser
+    state included, 3.5x the weights) goes; best.pt holds the last epoch's weights.
+    """
     log.info("final stage: training seed %d in %s", cfg.train.seed, cfg.train.out_dir)
-    return str(fit(cfg).out_dir)
+    out = fit(cfg).out_dir
+    if (out / RESULT).is_file() and (out / BEST).is_file():
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    return str(out)
 
 
 def summarize(tests: list[Mapping[str, float]]) -> dict[str, float]:
@@ -146,8 +153,9 @@ def _log_seed(tracker: MlflowTracker, seed: int, cfg: ExperimentConfig, result: 
         tracker.log(key, metrics, step=epoch, timestamp_ms=stamp)
     tests = {f"test_{k}": v for k, v in result.get("test", {}).items()}
     tracker.log(key, tests, step=0, timestamp_ms=stamp)
-    for name in ("config.yaml", RESULT):
-        tracker.log_artifact(key, out / name)
+    for name in ("config.yaml", RESULT, BEST):
+        if (out / name).is_file():  # a seed trained by an older version has no best.pt
+            tracker.log_artifact(key, out / name)
     tracker.close_run(key, "FINISHED")
 
 

@@ -56,6 +56,8 @@ def test_final_stage_two_seeds_then_resume(mlflow_server, tmp_path, xd_mini, cap
     assert first.data.params["data.protocol"] == "final"
     assert [m.step for m in client.get_metric_history(first.info.run_id, "loss_total")] == [0]
     assert "test_auc" in first.data.metrics
+    files = {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert files == {"best.pt", "config.yaml", "result.json"}
     parent = client.get_run(parent_id)
     assert parent.data.metrics["final_auc_mean"] == pytest.approx(summary["final_auc_mean"])
     best = {a.path for a in client.list_artifacts(parent_id, "best")}
@@ -63,6 +65,8 @@ def test_final_stage_two_seeds_then_resume(mlflow_server, tmp_path, xd_mini, cap
         assert f"best/{name}" in best
     seed_dir = study / "final" / f"seed_{spec.base.train.seed}"
     result = json.loads((seed_dir / "result.json").read_text())
+    # A finished seed keeps its weights, not the optimiser state it would only resume from.
+    assert sorted(p.name for p in seed_dir.iterdir()) == ["best.pt", "config.yaml", "result.json"]
     plotted = json.loads((study / "report" / "best" / "metrics.json").read_text())
     assert plotted["frame_auc"] == pytest.approx(result["test"]["auc"], abs=1e-6)  # same model
 
