@@ -34,7 +34,7 @@ SYNTH_PRESETS = Path(dsanet.__file__).parent / "presets" / "synth.yaml"
 _DEFAULTS = flatten(ExperimentConfig())  # dotted field -> default; its type is the field's type
 _TOP_KEYS = (
     "name extends base overrides synthetic search metric mode searcher points_to_evaluate "
-    "scheduler num_samples max_concurrent resources mlflow storage_path"
+    "scheduler num_samples max_concurrent max_failures resources mlflow storage_path"
 ).split()
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "condition")
 # Fields a trial must not vary, and why.
@@ -135,6 +135,7 @@ class SpaceSpec:
     mlflow: MlflowSpec
     storage_path: str  # absolute
     synthetic: SyntheticSpec | None = None
+    max_failures: int = 2  # Ray's retries of a failed trial, each from its last checkpoint
 
 
 # ---------------------------------------------------------------------------- public API
@@ -288,6 +289,7 @@ def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
         scheduler=_parse_scheduler(tree.get("scheduler") or {}, base),
         num_samples=num_samples,
         max_concurrent=_integer(tree.get("max_concurrent", 1), "max_concurrent", minimum=1),
+        max_failures=_integer(tree.get("max_failures", 2), "max_failures", minimum=0),
         resources=_parse_resources(tree.get("resources") or {}, base),
         mlflow=_parse_mlflow(tree.get("mlflow") or {}, name),
         storage_path=_storage_path(tree.get("storage_path", "studies")),

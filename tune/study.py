@@ -259,7 +259,8 @@ def describe(plan: Plan) -> str:
     return "\n".join(
         [
             f"study {spec.name}: {spec.num_samples} trials, {spec.max_concurrent} at a time, "
-            f"{r.cpu:g} CPU / {r.gpu:g} GPU each",
+            f"{r.cpu:g} CPU / {r.gpu:g} GPU each, a failed trial retried up to "
+            f"{spec.max_failures} time(s)",
             f"  objective   {goal}",
             f"  searcher    {searcher}; {len(spec.points_to_evaluate)} starting point(s)",
             f"  scheduler   {scheduler}",
@@ -384,7 +385,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) ->
             run_config=tune.RunConfig(
                 name=RAY_DIR,
                 storage_path=str(plan.root),
-                failure_config=tune.FailureConfig(max_failures=2),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
                 progress_reporter=reporter,

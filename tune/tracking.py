@@ -320,6 +320,7 @@ def _parent_params(spec: SpaceSpec) -> dict[str, Any]:
         "study.mode": ",".join(spec.mode),
         "study.num_samples": spec.num_samples,
         "study.max_concurrent": spec.max_concurrent,
+        "study.max_failures": spec.max_failures,
         "study.points_to_evaluate": len(spec.points_to_evaluate),
         "study.resources": f"cpu={spec.resources.cpu} gpu={spec.resources.gpu}",
     }

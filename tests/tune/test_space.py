@@ -137,6 +137,7 @@ def test_demo_space():
     spec = load_space("demo")  # by name, like load_config
     assert spec.synthetic is not None and spec.synthetic.preset == "xd-mini"
     assert (spec.scheduler.max_t, spec.num_samples, spec.max_concurrent) == (4, 8, 2)
+    assert spec.max_failures == 2  # the default
     assert spec.resources.gpu == 0 and spec.searcher.kind == "tpe"
 
 
@@ -286,6 +287,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         with_search(optim__lr={"low": 1e-5, "hihg": 1e-3}),
         r"search\.optim\.lr\.hihg: unknown key; did you mean 'high'",
     ),
+    ("negative-max-failures", {"max_failures": -1}, r"max_failures: -1 must be >= 0"),
+    ("fractional-max-failures", {"max_failures": 1.5}, r"max_failures: 1\.5 is not an integer"),
     ("negative-cpu", {"resources": {"cpu": -1}}, r"resources: cpu -1 and gpu 0"),
     ("negative-gpu", {"resources": {"cpu": 1, "gpu": -0.5}}, r"resources: cpu 1 and gpu -0\.5"),
     (

@@ -136,10 +136,11 @@ def _node_of(pid: int, nodes: list) -> object:
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path, xd_small, capsys):
     import ray
 
-    space = write_space(tmp_path, xd_small)
+    space = write_space(tmp_path, xd_small, max_failures=0)
     assert run(space, "--dry-run", "--num-samples", "6") == 0
     out = capsys.readouterr().out
     assert "study t: 6 trials, 2 at a time" in out
+    assert "a failed trial retried up to 0 time(s)" in out
     assert "ASHA on val_ap: max_t 3 epochs, rungs at epochs 1, 2" in out
     assert not ray.is_initialized() and not (tmp_path / "studies").exists()
 

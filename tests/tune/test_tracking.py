@@ -90,6 +90,7 @@ def test_study_layout(mlflow_server, tmp_path):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["study.metric"] == "val_ap"
     assert parent.data.params["scheduler.max_t"] == "2"
+    assert parent.data.params["study.max_failures"] == "2"
     assert "search.optim.lr" in parent.data.params
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
     assert parent.data.metrics["best_val_ap"] == 0.6
