@@ -16,10 +16,10 @@ from tune.space import (
     SpaceError,
     load_space,
     optuna_distributions,
-    reportable_metrics,
     sample,
     trial_config,
 )
+from tune.space_settings import reportable_metrics
 
 SEARCH = {
     "optim.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},

@@ -1,0 +1,96 @@
+"""Checks of single values in a search-space file: mappings, keys, numbers, config fields.
+
+Each failure is a `Problem` ('key path: what is wrong, and the fix'); `tune.space.load_space`
+adds the file's name and raises it as one `SpaceError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from dsanet.config import ConfigError, ExperimentConfig, flatten
+
+DEFAULTS = flatten(ExperimentConfig())  # dotted field -> default; its type is the field's type
+
+
+class SpaceError(ValueError):
+    """A search-space file is invalid; the message names the file, the field and the fix."""
+
+
+class Problem(Exception):
+    """'field: what is wrong, and the fix'; load_space adds the file and raises a SpaceError."""
+
+
+def fail(where: str, message: str) -> NoReturn:
+    raise Problem(f"{where}: {message}")
+
+
+def check_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            at = str(key) if where == "top level" else f"{where}.{key}"
+            fail(at, f"unknown key; {hint}valid keys: {list(valid)}")
+
+
+def check_field(name: str, where: str) -> None:
+    if name in DEFAULTS:
+        return
+    same_leaf = [f for f in DEFAULTS if f.split(".")[-1] == str(name).split(".")[-1]]
+    others = [f for f in DEFAULTS if f not in same_leaf]
+    close = same_leaf + difflib.get_close_matches(str(name), others, n=3, cutoff=0.75)
+    hint = f"did you mean {close}? " if close else ""
+    fail(where, f"{name!r} is not an ExperimentConfig field; {hint}valid: {sorted(DEFAULTS)}")
+
+
+def check_value(base: ExperimentConfig, name: str, value: Any, where: str) -> Any:
+    """`value` as the config types it, once the config's own validation has accepted it."""
+    try:
+        return flatten(base.with_overrides({name: value}))[name]
+    except ConfigError as exc:
+        reason = str(exc).removeprefix("override: ").replace("\n ", "")
+        fail(where, f"{value!r} is rejected by the config ({reason}); change the value")
+
+
+def apply_overrides(base: ExperimentConfig, overrides: Any, where: str) -> ExperimentConfig:
+    try:
+        return base.with_overrides(overrides)
+    except ConfigError as exc:
+        fail(where, str(exc).removeprefix("override: "))
+
+
+def as_mapping(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        fail(where, f"must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def settings_block(raw: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    """A settings block; a bare word is shorthand for {kind: word}."""
+    block = {"kind": raw} if isinstance(raw, str) and "kind" in keys else raw
+    check_keys(as_mapping(block, where), keys, where)
+    return block
+
+
+def as_number(value: Any, where: str, integer: bool = False) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        fail(where, f"{value!r} is not a number")
+    if integer and not float(value).is_integer():
+        fail(where, f"{value!r} is not an integer")
+    return int(value) if integer else value
+
+
+def as_integer(value: Any, where: str, minimum: int | None = None) -> int:
+    number = as_number(value, where, integer=True)
+    if minimum is not None and number < minimum:
+        fail(where, f"{number} must be >= {minimum}")
+    return number
