@@ -1,0 +1,225 @@
+"""A validated study plan: every check of the space, its data and the study folder, made before
+Ray starts; the synthetic data and the shared feature cache are built here too."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dsanet.config import ExperimentConfig, flatten, from_dict
+from tune.space import SpaceSpec, load_space
+
+log = logging.getLogger(__name__)
+
+RAY_DIR = "ray"  # Ray Tune's experiment folder inside the study folder
+DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
+MLFLOW_DB = "mlflow.db"
+PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated study: what `run_study` does, and what `--dry-run` prints."""
+
+    spec: SpaceSpec  # its base holds the study's data paths
+    root: Path  # <storage>/<name>
+    resume: bool  # the folder holds this study already
+    address: str | None
+    final_seeds: int
+    tracking_uri: str
+    data_note: str
+    resume_command: str  # how to continue this study after an interruption
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / RAY_DIR
+
+
+def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
+    """Check everything before Ray starts; generate synthetic data and the feature cache."""
+    spec = load_space(args.space, args.overrides)
+    if args.final_seeds < 0:
+        raise ValueError(f"--final-seeds {args.final_seeds}: give 0 (skip) or more seeds")
+    if args.resume and (args.address or "").startswith("ray://"):
+        raise ValueError(
+            "--resume over Ray Client (ray://) is not supported: run the driver on the cluster "
+            "(ray submit or ray job submit) with --address auto"
+        )
+    storage = Path(args.storage_path).expanduser().resolve() if args.storage_path else None
+    root = (storage or Path(spec.storage_path)) / spec.name
+    _check_storage(root, dry_run=args.dry_run)
+    resume = _check_folder(root, args.resume)
+    spec = dataclasses.replace(spec, num_samples=_study_size(spec, root, args.num_samples))
+    base, data_note = _data(spec, root, dry_run=args.dry_run)
+    spec = dataclasses.replace(spec, base=base)
+    _check_features(spec, dry_run=args.dry_run)
+    if not args.dry_run:
+        _write_base(root, base)
+    uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
+    return Plan(spec, root, resume, args.address, args.final_seeds, uri, data_note, resume_command)
+
+
+def _check_storage(root: Path, dry_run: bool) -> None:
+    """The study folder is, or can be made, a writable folder with room for a probe file."""
+    fix = "set storage_path in the space (or --storage-path) to a writable folder with free space"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        kind = "a folder you cannot write to" if existing.is_dir() else "not a folder"
+        raise ValueError(f"storage path {root}: {existing} is {kind}; {fix}")
+    if dry_run:
+        return
+    probe = existing / f".dsanet-write-probe-{os.getpid()}"  # creates no folder of the study
+    try:
+        with open(probe, "wb") as file:
+            file.write(bytes(PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as exc:  # ENOSPC, EDQUOT, EFBIG, EROFS, EACCES: the study could not save
+        raise ValueError(f"storage path {root} cannot be written ({exc.strerror}); {fix}") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _check_folder(root: Path, resume: bool) -> bool:
+    """Whether the study folder holds this study already; refuse to mix without --resume."""
+    from tune.searcher import STUDY_DB
+
+    exists = (root / STUDY_DB).is_file() or (root / RAY_DIR).is_dir()
+    if exists and not resume:
+        raise FileExistsError(
+            f"{root} holds a study already; pass --resume to continue it, or choose another "
+            f"name or --storage-path"
+        )
+    if resume and not exists:
+        log.info("nothing to resume in %s: starting the study", root)
+    return exists
+
+
+def _study_size(spec: SpaceSpec, root: Path, requested: int | None) -> int:
+    """The number of trials: fixed by the study once it started, else the space's or -n's."""
+    from tune.searcher import planned_trials
+
+    planned = planned_trials(root, spec.name)
+    if planned is not None and requested not in (None, planned):
+        raise ValueError(
+            f"--num-samples {requested}: the study in {root} was started with {planned} "
+            f"trials and keeps that size on --resume; start a new study to run more"
+        )
+    size = requested or planned or spec.num_samples
+    if size < max(1, len(spec.points_to_evaluate)):
+        raise ValueError(
+            f"--num-samples {size}: give at least {max(1, len(spec.points_to_evaluate))} "
+            f"(the space's points_to_evaluate run first)"
+        )
+    return size
+
+
+def _data(spec: SpaceSpec, root: Path, dry_run: bool) -> tuple[ExperimentConfig, str]:
+    """The base config with the synthetic benchmark's paths (generated once per study)."""
+    if spec.synthetic is None:
+        return spec.base, f"features under {spec.base.data.feature_root or '(not set)'}"
+    from dsanet import synth
+
+    preset, seed, out = spec.synthetic.preset, spec.synthetic.seed, root / DATA_DIR
+    marker = out / synth.MARKER
+    if marker.is_file():
+        made = json.loads(marker.read_text())
+        if (made.get("preset"), made.get("seed")) != (preset, seed):
+            raise ValueError(
+                f"{out} holds synthetic {made.get('preset')} seed {made.get('seed')}, but the "
+                f"space asks for {preset} seed {seed}; use another --storage-path"
+            )
+    elif not dry_run:  # generate() writes a temporary tree and renames it when complete
+        print(f"generating synthetic {preset} (seed {seed}) in {out} ...", flush=True)
+        synth.generate(preset, out, seed=seed)
+    ready = "" if marker.is_file() else "to be generated "
+    note = f"synthetic {preset} (seed {seed}) {ready}in {out}"
+    paths = {"data.feature_root": out / synth.FEATURES, "data.list_dir": out / synth.LISTS}
+    return spec.base.with_overrides({k: str(v) for k, v in paths.items()}), note
+
+
+def _check_features(spec: SpaceSpec, dry_run: bool) -> None:
+    """Fail on missing features now; outside a dry run, build the shared cache once here."""
+    from dsanet.datasets import load_spec
+    from dsanet.loading import load_data, resolve_paths
+
+    data = spec.base.data
+    if dry_run:
+        if spec.synthetic is None:
+            resolve_paths(data, load_spec(data.dataset))
+        return
+    lengths = {spec.base.model.visual_length}  # one cache per sequence length a trial may use
+    for p in spec.params:
+        if p.name == "model.visual_length" and p.kind == "categorical":
+            lengths |= set(p.choices)
+    for length in sorted(lengths):
+        load_data(data, length, spec.base.model.visual_width)
+
+
+def _write_base(root: Path, base: ExperimentConfig) -> None:
+    """The resolved base config every trial starts from; a resume must not change it."""
+    from tune.trainable import BASE_FILE
+
+    path = root / BASE_FILE
+    if path.is_file():
+        old = flatten(from_dict(yaml.safe_load(path.read_text()), str(path)))
+        changed = sorted(k for k, v in flatten(base).items() if old.get(k) != v)
+        if changed:
+            raise ValueError(
+                f"{root} was started with another base config ({', '.join(changed)} differ); "
+                f"resume with the same space and overrides, or use another --storage-path"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(base.to_yaml())
+    os.replace(tmp, path)
+
+
+def describe(plan: Plan) -> str:
+    spec, s, r = plan.spec, plan.spec.scheduler, plan.spec.resources
+    goal = ", ".join(f"{m} ({d})" for m, d in zip(spec.metric, spec.mode, strict=True))
+    scheduler = f"none: every trial runs {s.max_t} epochs"
+    if s.kind == "asha":
+        from tune.scheduler import rung_epochs
+
+        rungs = ", ".join(f"{m:g}" for m in rung_epochs(s))
+        scheduler = (
+            f"ASHA on {spec.metric[0]}: max_t {s.max_t} epochs, rungs at epochs {rungs}, "
+            f"reduction factor {s.reduction_factor:g}"
+        )
+    searcher = spec.searcher.kind + (
+        f" (seed {spec.searcher.seed}, {spec.searcher.n_startup_trials} random start-up trials)"
+    )
+    return "\n".join(
+        [
+            f"study {spec.name}: {spec.num_samples} trials, {spec.max_concurrent} at a time, "
+            f"{r.cpu:g} CPU / {r.gpu:g} GPU each, a failed trial retried up to "
+            f"{spec.max_failures} time(s)",
+            f"  objective   {goal}",
+            f"  searcher    {searcher}; {len(spec.points_to_evaluate)} starting point(s)",
+            f"  scheduler   {scheduler}",
+            *(
+                f"  search      {p.name} {p.kind}{' log' * p.log} {p.describe()}"
+                for p in spec.params
+            ),
+            f"  folder      {plan.root} ({'resume' if plan.resume else 'new'})",
+            f"  data        {plan.data_note}",
+            f"  mlflow      {redact_uri(plan.tracking_uri)} (experiment {spec.mlflow.experiment})",
+            f"  ray         {plan.address or 'a local Ray on this machine'}",
+            f"  final       {plan.final_seeds} seed(s) of the best config (protocol final)",
+        ]
+    )
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without its credentials (scheme://user:secret@host)."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", uri)
