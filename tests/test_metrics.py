@@ -356,7 +356,7 @@ def test_gt_of_other_videos_and_classes_never_match():
 )
 def test_no_proposal_returns_zero(other, caplog):
     frames = [np.concatenate([_column(64, {(0, 32): 1.0}), other], axis=1)]
-    with caplog.at_level(logging.WARNING, logger="dsanet.metrics"):
+    with caplog.at_level(logging.WARNING, logger="dsanet.detection"):
         result = metrics.detection_ap_by_class(frames, [[[0, 32]]], [["X"]], ["X", "Y"])
     assert result.reference_map() == [0.0] * 5  # Q-M3: one empty class zeroes every θ
     assert result.ap[:, 0].tolist() == [1.0] * 5  # the per-class AP is still there
