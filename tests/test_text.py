@@ -1,4 +1,5 @@
-"""Text encoders: the adapter invariant of spec §11, token truncation, modes, weight resolution."""
+"""Text encoders: the adapter invariant of spec §11, token truncation, modes, weight resolution,
+and the kept tower a reused worker builds from."""
 
 from __future__ import annotations
 
@@ -264,3 +265,25 @@ def test_build_text_encoder_random_tower():
     assert len(encoder.tower.blocks) == 1
     assert encoder.num_classes == 3 and encoder.out_dim == 512
     assert encoder().shape == (3, 512)
+
+
+def test_kept_text_tower_gives_what_a_fresh_build_gives():
+    # The start-up optimisation B4 measured (dsanet.text keeps its last tower): with the same
+    # RNG state a reused build must equal a fresh one, weights and the RNG state after included.
+    from dsanet.datasets import load_spec
+
+    cfg, prompts = TextConfig(layers=1, adapt_layers=1, weights=""), load_spec("xd").prompts
+    built = []
+    for fresh in (True, False, True):
+        if fresh:
+            text._last_tower.clear()
+        torch.manual_seed(0)
+        encoder = text.build_text_encoder(cfg, prompts)
+        built.append((encoder, torch.rand(3)))
+    (reference, after), *others = built
+    for encoder, rng in others:
+        assert encoder.tower is not reference.tower  # each model owns its tower
+        assert encoder.state_dict().keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():
+            assert torch.equal(encoder.state_dict()[key], value), key
+        assert torch.equal(rng, after)
