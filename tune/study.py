@@ -79,30 +79,51 @@ def run_study(plan: Plan) -> int:
     _ray_environment()
     import ray
 
-    from tune.scheduler import build_scheduler
-    from tune.searcher import OptunaSearcher, open_study
-    from tune.tracking import MlflowTracker
-
-    try:  # the last checks: Optuna's and ASHA's saved state, and the tracking server
-        study = open_study(plan.spec, plan.root)
-        scheduler = build_scheduler(plan.spec, plan.root)
-        tracker = MlflowTracker(plan.root, plan.spec, plan.tracking_uri)
-    except (*_ERRORS, ConnectionError) as exc:
-        return _error(exc)
-    searcher = OptunaSearcher(plan.spec, plan.root, pruned=getattr(scheduler, "pruned", None))
     owns_ray = not ray.is_initialized()  # tests and notebooks may hold a Ray already
     if owns_ray:
-        ray.init(**_ray_args(plan.address))
+        try:  # first: a cluster that cannot be joined leaves no Optuna study to --resume
+            ray.init(**_ray_args(plan.address))
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            return _error(ValueError(_join_failure(plan.address, exc)))
     try:
         missing = _missing_resources(plan.spec, ray.cluster_resources())
         if missing and plan.address is None:  # a local Ray never grows: trials would wait
             return _error(ValueError(f"this machine has {missing}; lower resources in the space"))
         if missing:
             log.warning("the cluster has %s now; trials wait until it grows", missing)
-        return _search(plan, study, searcher, scheduler, tracker)
+        return _open_and_search(plan)
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _open_and_search(plan: Plan) -> int:
+    from tune.scheduler import build_scheduler
+    from tune.searcher import OptunaSearcher, open_study
+    from tune.tracking import MlflowTracker
+
+    try:  # the last checks: the tracking server, then Optuna's and ASHA's saved state
+        tracker = MlflowTracker(plan.root, plan.spec, plan.tracking_uri)
+        study = open_study(plan.spec, plan.root)
+        scheduler = build_scheduler(plan.spec, plan.root)
+    except (*_ERRORS, ConnectionError) as exc:
+        return _error(exc)
+    searcher = OptunaSearcher(plan.spec, plan.root, pruned=getattr(scheduler, "pruned", None))
+    return _search(plan, study, searcher, scheduler, tracker)
+
+
+def _join_failure(address: str | None, exc: BaseException) -> str:
+    """One line for a Ray that cannot be started or joined: Ray's reason, then the fixes. A
+    cluster refusing this driver's token looks the same to it as one not answering."""
+    reason = str(exc).split(". ")[0].strip().rstrip(".")
+    if address is None:
+        return f"could not start a local Ray ({reason})"
+    return (
+        f"no Ray cluster could be joined at --address {address} ({reason}); start one (ray start "
+        f"--head, or ray up tune/cluster.yaml) or point RAY_ADDRESS at it. A cluster with token "
+        f"authentication, as tune/cluster.yaml starts, also needs RAY_AUTH_MODE=token and its "
+        f"~/.ray/auth_token here. Or leave out --address to run on this machine"
+    )
 
 
 def _search(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) -> int:

@@ -73,3 +73,34 @@ def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case):
     assert re.search(message, run.stderr, re.S), run.stderr
     assert not list(ray_tmp.iterdir())  # Ray never started
     assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
+
+
+def test_no_cluster_at_the_address_is_one_error_leaving_nothing_to_resume(tmp_path, xd_small):
+    space = write_space(tmp_path, xd_small)
+    ray_tmp = tmp_path / "ray-tmp"  # `auto` finds a cluster through RAY_ADDRESS or this folder
+    ray_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["--space", str(space), "--final-seeds", "0"]
+    run = subprocess.run(
+        [sys.executable, str(RUN_PY), *args, "--address", "auto"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "RAY_TMPDIR": str(ray_tmp)},
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "no Ray cluster could be joined at --address auto" in errors[0]
+    assert "ray start --head" in errors[0] and "RAY_AUTH_MODE=token" in errors[0]
+    # Nothing was started that a plain rerun would have to --resume.
+    assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
+    again = subprocess.run(
+        [sys.executable, str(RUN_PY), *args, "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
