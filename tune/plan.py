@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ RAY_DIR = "ray"  # Ray Tune's experiment folder inside the study folder
 DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
 MLFLOW_DB = "mlflow.db"
 PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
+ADDRESS_TIMEOUT_S = 5.0  # for a cluster address to accept a TCP connection
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
             "--resume over Ray Client (ray://) is not supported: run the driver on the cluster "
             "(ray submit or ray job submit) with --address auto"
         )
+    _check_address(args.address)
     storage = Path(args.storage_path).expanduser().resolve() if args.storage_path else None
     root = (storage or Path(spec.storage_path)) / spec.name
     _check_storage(root, dry_run=args.dry_run)
@@ -65,6 +68,27 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
         _write_base(root, base)
     uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
     return Plan(spec, root, resume, args.address, args.final_seeds, uri, data_note, resume_command)
+
+
+def _check_address(address: str | None) -> None:
+    """A cluster named by HOST:PORT (directly, or through RAY_ADDRESS with `auto`) must accept a
+    connection: Ray itself retries an address where nothing listens for minutes."""
+    if address is None:
+        return
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # `auto` with no RAY_ADDRESS: Ray looks for a cluster on this machine itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        via = " (RAY_ADDRESS)" if address == "auto" else ""
+        raise ValueError(
+            f"no Ray cluster answers at {host}:{port}{via} ({exc.strerror or exc}); start one "
+            f"(ray start --head, or ray up tune/cluster.yaml), fix the address, or leave out "
+            f"--address to run on this machine"
+        ) from exc
 
 
 def _check_storage(root: Path, dry_run: bool) -> None:

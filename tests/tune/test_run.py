@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 from ray_fixtures import REPO, RUN_PY, write_space
 
 
@@ -50,6 +51,10 @@ BAD_RUNS = {
         r"data\.feature_root='/nonexistent/features' is not a folder; fix the path",
     ),
     "study exists without --resume": (_existing_study, r"holds a study already; pass --resume"),
+    "no cluster at --address": (
+        lambda space: ["--space", str(space), "--address", f"127.0.0.1:{free_port()}"],
+        r"no Ray cluster answers at 127\.0\.0\.1:\d+ \(Connection refused\); start one",
+    ),
 }
 
 
@@ -73,34 +78,3 @@ def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case):
     assert re.search(message, run.stderr, re.S), run.stderr
     assert not list(ray_tmp.iterdir())  # Ray never started
     assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
-
-
-def test_no_cluster_at_the_address_is_one_error_leaving_nothing_to_resume(tmp_path, xd_small):
-    space = write_space(tmp_path, xd_small)
-    ray_tmp = tmp_path / "ray-tmp"  # `auto` finds a cluster through RAY_ADDRESS or this folder
-    ray_tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    args = ["--space", str(space), "--final-seeds", "0"]
-    run = subprocess.run(
-        [sys.executable, str(RUN_PY), *args, "--address", "auto"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**env, "RAY_TMPDIR": str(ray_tmp)},
-        timeout=300,
-    )
-    assert run.returncode == 2, run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
-    assert "no Ray cluster could be joined at --address auto" in errors[0]
-    assert "ray start --head" in errors[0] and "RAY_AUTH_MODE=token" in errors[0]
-    # Nothing was started that a plain rerun would have to --resume.
-    assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
-    again = subprocess.run(
-        [sys.executable, str(RUN_PY), *args, "--dry-run"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr
