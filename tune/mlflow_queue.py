@@ -92,8 +92,13 @@ class RunQueue:
 
     # ------------------------------------------------------------------ delivery
     def submit(self, op: dict[str, Any]) -> None:
-        """Queue one operation (op: create | log | artifact | status) and try to deliver."""
+        """Queue one operation (op: create | log | artifact | status) and try to deliver.
+
+        The queue is saved first: a driver killed after MLflow created a run, before the run id
+        was saved, leaves the create queued, and delivering it again adopts that run.
+        """
         self.state["pending"].append(op)
+        self.save()
         self.flush(0.0)
 
     def flush(self, wait_s: float = 0.0) -> bool:

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from ray.tune.experiment import Trial
 
 from dsanet.config import field_names
+from tune.searcher import ADOPTED_KEY
 from tune.tracking import STATE_FILE, MlflowTracker, TrackingUnavailable
 
 
@@ -169,6 +170,46 @@ def test_restore_replays_without_duplicates(mlflow_server, tmp_path):
         for key in ("val_ap", "loss_total"):
             assert steps(client, run, key) == [0, 1], (run.data.tags["dsanet.trial_id"], key)
     assert parents[0].info.status == "FINISHED"
+
+
+def test_a_run_created_just_before_a_kill_is_continued_by_its_adopter(tmp_path):
+    # The driver dies after MLflow created a trial's run and before it saved the run id; Ray
+    # had not saved the trial, so the resumed study adopts its Optuna trial under a new Ray id.
+    spec = write_space(tmp_path, "adopt")
+    study = tmp_path / "study"
+    first = MlflowTracker(study, spec, spec.mlflow.tracking_uri)
+    first.start_parent(resumed=False)
+    on_disk = []  # the state file whenever the queue starts delivering
+    deliver = first._queue._deliver
+
+    def deliver_and_look() -> bool:
+        on_disk.append(json.loads((study / STATE_FILE).read_text()))
+        return deliver()
+
+    first._queue._deliver = deliver_and_look
+    first.on_trial_start(0, [], make_trial("lost"))  # one delivery: MLflow creates the run
+    at_kill = on_disk[-1]  # the state file while the run was being created
+    first.close()
+    (study / STATE_FILE).write_text(json.dumps(at_kill))  # what the kill left on disk
+
+    second = MlflowTracker(study, spec, spec.mlflow.tracking_uri)
+    second.start_parent(resumed=True)
+    adopter = Trial(
+        "dsanet",
+        config={**make_trial("x").config, ADOPTED_KEY: "lost"},
+        trial_id="new",
+        stub=True,
+    )
+    second.on_trial_start(0, [], adopter)
+    report(second, adopter, range(2), trial_folder(tmp_path, "new"))
+    second.on_trial_complete(2, [], adopter)
+    second.finish_parent("FINISHED")
+    second.close()
+    _, children = runs_of(MlflowClient(second.tracking_uri), "adopt")
+    assert len(children) == 1  # no orphan left RUNNING beside a new run
+    tags = children[0].data.tags
+    assert (tags["dsanet.run_key"], tags["dsanet.trial_id"]) == ("lost", "new")
+    assert children[0].info.status == "FINISHED"
 
 
 def test_unreachable_uri_is_a_clear_error(tmp_path):
