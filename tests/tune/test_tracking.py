@@ -53,6 +53,16 @@ def report(tracker: MlflowTracker, trial: Trial, epochs: range, out_dir: Path) -
         tracker.on_trial_result(epoch, [], trial, result)
 
 
+def finish_study(tracker: MlflowTracker, trial: Trial, out_dir: Path, experiment: str) -> list:
+    """Run one trial through both epochs, end the study; the experiment's child runs."""
+    tracker.on_trial_start(0, [], trial)
+    report(tracker, trial, range(2), out_dir)
+    tracker.on_trial_complete(2, [], trial)
+    tracker.finish_parent("FINISHED")
+    tracker.close()
+    return runs_of(MlflowClient(tracker.tracking_uri), experiment)[1]
+
+
 def runs_of(client: MlflowClient, experiment: str) -> tuple[list, list]:
     """(parent runs, child runs) of an experiment."""
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -200,12 +210,7 @@ def test_a_run_created_just_before_a_kill_is_continued_by_its_adopter(tmp_path):
         trial_id="new",
         stub=True,
     )
-    second.on_trial_start(0, [], adopter)
-    report(second, adopter, range(2), trial_folder(tmp_path, "new"))
-    second.on_trial_complete(2, [], adopter)
-    second.finish_parent("FINISHED")
-    second.close()
-    _, children = runs_of(MlflowClient(second.tracking_uri), "adopt")
+    children = finish_study(second, adopter, trial_folder(tmp_path, "new"), "adopt")
     assert len(children) == 1  # no orphan left RUNNING beside a new run
     tags = children[0].data.tags
     assert (tags["dsanet.run_key"], tags["dsanet.trial_id"]) == ("lost", "new")
@@ -226,13 +231,7 @@ def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     assert tracker.tracking_uri == f"sqlite:///{study.resolve()}/mlflow.db"
     assert tracker.ui_command() == f"mlflow ui --backend-store-uri {tracker.tracking_uri}"
     tracker.start_parent(resumed=False)
-    trial = make_trial("t1")
-    tracker.on_trial_start(0, [], trial)
-    report(tracker, trial, range(2), trial_folder(tmp_path, "t1"))
-    tracker.on_trial_complete(2, [], trial)
-    tracker.finish_parent("FINISHED")
-    tracker.close()
-    _, children = runs_of(MlflowClient(tracker.tracking_uri), "local")
+    children = finish_study(tracker, make_trial("t1"), trial_folder(tmp_path, "t1"), "local")
     artifacts = Path(children[0].info.artifact_uri)
     assert str(artifacts).startswith(str(study.resolve() / "mlartifacts"))
     folder = tmp_path / "trials" / "t1"
