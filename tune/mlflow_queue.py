@@ -25,6 +25,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from tune.links import link_atomic
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_state.json"
@@ -329,18 +331,12 @@ def local_folder(artifact_uri: str) -> Path | None:
 
 
 def _link_into(path: Path, folder: Path) -> bool:
-    """Hard-link a file into `folder` under its name, atomically; False if links cannot be made
-    (another filesystem, or not supported), in which case nothing is left behind."""
-    target = folder / path.name
-    tmp = folder / f".{path.name}.link-{os.getpid()}"
+    """Hard-link a file into `folder` under its name; False if that cannot be done."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)
-        os.link(path, tmp)
     except OSError:
         return False
-    os.replace(tmp, target)
-    return True
+    return link_atomic(path, folder / path.name)
 
 
 def _fail(message: str) -> str:

@@ -28,6 +28,7 @@ from ray import tune
 from ray.tune import Callback
 
 from dsanet.config import ExperimentConfig, from_dict
+from tune.links import link_atomic
 from tune.searcher import OPTUNA_KEY
 
 log = logging.getLogger(__name__)
@@ -141,13 +142,7 @@ def share_file(source: Path, copy: Path) -> bool:
             return False
     except OSError:  # either file missing
         return False
-    tmp = copy.with_name(f".{copy.name}.link-{os.getpid()}")
-    try:
-        os.link(source, tmp)
-    except OSError:  # another filesystem, or links not supported
-        return False
-    os.replace(tmp, copy)
-    return True
+    return link_atomic(source, copy)
 
 
 def _stage(out_dir: Path, epochs_done: int) -> Path:
