@@ -25,6 +25,10 @@ DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthet
 MLFLOW_DB = "mlflow.db"
 PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
 ADDRESS_TIMEOUT_S = 5.0  # for a cluster address to accept a TCP connection
+JOIN_FIX = (
+    "start one (ray start --head, or ray up tune/cluster.yaml), fix --address or RAY_ADDRESS, "
+    "or leave out --address to run on this machine"
+)
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,7 @@ def _check_address(address: str | None) -> None:
     except OSError as exc:
         via = " (RAY_ADDRESS)" if address == "auto" else ""
         raise ValueError(
-            f"no Ray cluster answers at {host}:{port}{via} ({exc.strerror or exc}); start one "
-            f"(ray start --head, or ray up tune/cluster.yaml), fix the address, or leave out "
-            f"--address to run on this machine"
+            f"no Ray cluster answers at {host}:{port}{via} ({exc.strerror or exc}); {JOIN_FIX}"
         ) from exc
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsanet.config import ConfigError
-from tune.plan import RAY_DIR, Plan, describe, prepare
+from tune.plan import JOIN_FIX, RAY_DIR, Plan, describe, prepare
 from tune.space import SpaceError, SpaceSpec
 from tune.summary import short_names, summarize, where
 
@@ -119,10 +119,9 @@ def _join_failure(address: str | None, exc: BaseException) -> str:
     if address is None:
         return f"could not start a local Ray ({reason})"
     return (
-        f"no Ray cluster could be joined at --address {address} ({reason}); start one (ray start "
-        f"--head, or ray up tune/cluster.yaml) or point RAY_ADDRESS at it. A cluster with token "
-        f"authentication, as tune/cluster.yaml starts, also needs RAY_AUTH_MODE=token and its "
-        f"~/.ray/auth_token here. Or leave out --address to run on this machine"
+        f"no Ray cluster could be joined at --address {address} ({reason}); {JOIN_FIX}. A "
+        f"cluster with token authentication, as tune/cluster.yaml starts, also needs "
+        f"RAY_AUTH_MODE=token and its ~/.ray/auth_token here"
     )
 
 
