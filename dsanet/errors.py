@@ -1,0 +1,23 @@
+"""Error-message helpers for input from others: what a message quotes of it is bounded."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+QUOTE_LIMIT = 80  # characters of a user's value an error message may quote
+
+# reprlib bounds the work as well as the text: a nested value (an expanded YAML alias, a pasted
+# array) is never walked past a few levels and items.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxstring = _REPR.maxother = QUOTE_LIMIT
+
+
+def brief(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """A repr of `value` of at most `limit` characters, cut with an ellipsis and its length."""
+    text = _REPR.repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 12]}… ({len(text)} chars)"
