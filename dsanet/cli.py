@@ -51,10 +51,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dsanet.config import from_dict
     from dsanet.evaluate import predict_test, test_metrics, validation_metrics
     from dsanet.loading import load_data
-    from dsanet.trainer import build_model, load_checkpoint, resolve_device
+    from dsanet.trainer import (
+        build_model,
+        load_checkpoint,
+        read_run_config,
+        resolve_device,
+    )
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -62,16 +66,17 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"checkpoint {path} not found; runs write last.pt and best.pt into train.out_dir"
         )
     config_file = path.parent / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{config_file} not found: evaluate needs the config.yaml that "
-            f"training wrote next to the checkpoint"
+    cfg = read_run_config(config_file)
+    if args.split == "val" and cfg.data.protocol != "validation":
+        raise ValueError(
+            f"--split val: {config_file} trained under data.protocol={cfg.data.protocol}, on "
+            f"every training video, so the run has no held-out validation videos; use --split "
+            f"test"
         )
-    import yaml
-
-    cfg = from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
     if args.overrides:
         cfg = cfg.with_overrides(args.overrides)
+        if args.split == "val" and cfg.data.protocol != "validation":
+            raise ValueError("--split val needs data.protocol=validation; drop that override")
     device = resolve_device(cfg.train.device)
     state = load_checkpoint(path, device)  # a broken file fails before the data is read
     bundle = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsanet.config import ExperimentConfig, to_dict
+from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict, to_dict
 from dsanet.data import epoch_batches, iterate_batches
+from dsanet.errors import brief
 from dsanet.evaluate import (
     VAL_AP,
     VAL_AUC,
@@ -42,7 +43,19 @@ from dsanet.text import build_text_encoder
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT, BEST, RESULT = "last.pt", "best.pt", "result.json"
+CHECKPOINT, BEST, RESULT, CONFIG = "last.pt", "best.pt", "result.json", "config.yaml"
+# Fields that say where a run's files are or what runs it: they may differ between a run and its
+# resume (data moved, another GPU). Every other field shapes the run's numbers.
+RELOCATABLE = frozenset(
+    {
+        "data.list_dir",
+        "data.feature_root",
+        "data.test_feature_root",
+        "data.cache_dir",
+        "train.out_dir",
+        "train.device",
+    }
+)
 # What each select_metric means under each protocol: the held-out split or the test set.
 _SELECT = {
     ("validation", "ap"): VAL_AP,
@@ -107,10 +120,53 @@ def save_atomic(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=1, default=float), path)
+
+
+def read_run_config(path: Path) -> ExperimentConfig:
+    """The `config.yaml` a run wrote next to its checkpoints."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a run folder holds the config.yaml that training wrote next to "
+            f"its checkpoints"
+        )
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return from_dict(tree, str(path))
+
+
+def check_same_run(cfg: ExperimentConfig, saved: ExperimentConfig | dict, source: Path) -> None:
+    """Refuse to continue the run saved in `source` with another config (the fields that shape
+    its numbers must match; `RELOCATABLE` ones may differ)."""
+    fix = (
+        "pass --restart to train from scratch with this config (the folder's checkpoints are "
+        "replaced), or set another train.out_dir"
+    )
+    try:
+        old = flatten(saved if isinstance(saved, ExperimentConfig) else from_dict(saved))
+    except ConfigError as exc:
+        raise ValueError(f"{source} holds a config this version cannot read; {fix}") from exc
+    new = flatten(cfg)
+    changed = [k for k, v in new.items() if k not in RELOCATABLE and old.get(k) != v]
+    if changed:
+        shown = "; ".join(f"{k} {brief(old.get(k))} -> {brief(new[k])}" for k in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ValueError(f"{source.parent} holds a run of another config ({shown}{more}); {fix}")
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
@@ -172,7 +228,10 @@ class Trainer:
         self.best_epoch, self.history = state["best_epoch"], list(state["history"])
 
     def resume(self, path: Path) -> None:
-        self.load_state_dict(load_checkpoint(path, self.device))
+        """Continue the run checkpointed in `path`; its config must be this trainer's."""
+        state = load_checkpoint(path, self.device)
+        check_same_run(self.cfg, state.get("config") or {}, path)
+        self.load_state_dict(state)
         log.info("resumed from %s at epoch %d", path, self.epoch)
 
     # -------------------------------------------------------------------- loop
@@ -280,12 +339,16 @@ def fit(
     """
     trainer = Trainer(cfg, bundle)
     out = trainer.out_dir
+    # Everything is checked before anything in the folder changes: a refused resume leaves the
+    # run's files as they were.
+    if resume and (out / CHECKPOINT).is_file():
+        trainer.resume(out / CHECKPOINT)
+    elif resume and (out / CONFIG).is_file():  # a run with no checkpoint (yet, or any more)
+        check_same_run(cfg, read_run_config(out / CONFIG), out / CONFIG)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp-*"):  # a run killed mid-write (one run owns a folder)
         stale.unlink(missing_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    if resume and (out / CHECKPOINT).is_file():
-        trainer.resume(out / CHECKPOINT)
+    write_text_atomic(cfg.to_yaml(), out / CONFIG)
     while trainer.epoch < cfg.train.epochs:
         record = trainer.run_epoch()
         log.info(
