@@ -116,5 +116,37 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
         train_rows, val_rows = split_by_video(
             train_list.videos, train_list.targets, cfg.val_fraction, cfg.split_seed
         )
+    _check_both_classes(list_dir / spec.train_list, train_list, train_rows, "training rows", "")
+    if cfg.protocol == "validation":
+        _check_both_classes(
+            list_dir / spec.train_list,
+            train_list,
+            val_rows,
+            f"validation split (data.val_fraction={cfg.val_fraction}, "
+            f"data.split_seed={cfg.split_seed})",
+            "; raise data.val_fraction or try another data.split_seed, so that the held-out "
+            "videos include both kinds (val AP/AUC need both)",
+        )
+    _check_both_classes(
+        list_dir / spec.test_list, test_list, np.arange(len(test_list)), "test list", ""
+    )
+    if not 0 < gt_frames.sum() < len(gt_frames):
+        raise ValueError(
+            f"{list_dir / spec.annotation}: the annotated frames of the test videos are "
+            f"{'none' if gt_frames.sum() == 0 else 'all'} of them; frame AUC/AP need both "
+            f"normal and anomalous frames: check the annotation and the test list belong together"
+        )
     test = TestSet(packed_test, test_list, gt_frames, gt_segments, gt_labels)
     return DataBundle(spec, train, train_list, train_rows, val_rows, test)
+
+
+def _check_both_classes(
+    path: Path, videos: VideoList, rows: np.ndarray, what: str, fix: str
+) -> None:
+    """MIL training, AP and AUC all need normal and anomalous videos among `rows`."""
+    normal = videos.targets[rows, 0] == 1
+    if len(rows) and normal.any() and not normal.all():
+        return
+    found = "no" if not len(rows) else f"only {'normal' if normal.all() else 'anomalous'}"
+    fix = fix or "; the list must hold both normal videos and anomalous ones"
+    raise ValueError(f"{path}: the {what} hold {found} videos ({len(rows)} rows){fix}")

@@ -17,9 +17,11 @@ REAL_DATA = SHARED / "data"
 
 
 def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Path]:
-    """A minimal XD-format tree: 4 train videos x 10 crops, 3 test videos, gt files.
+    """A minimal XD-format tree: 5 train videos x 10 crops, 3 test videos, gt files.
 
-    Train: two anomalous (B1-0-0, B2-G-0) and two normal; test: one anomalous, two normal.
+    Train: two anomalous (B1-0-0, B2-G-0) and two normal, then a second B1-0-0 video (listed
+    last), so that a stratified validation split of half the videos holds both kinds; test: one
+    anomalous, two normal.
     """
     rng = np.random.default_rng(seed)
     feats, lists = root / "features", root / "lists"
@@ -30,6 +32,7 @@ def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Pa
         ("boomB__#00-00-00_00-01-00_label_B2-G-0", "B2-G-0", 40),
         ("calmC__#00-00-00_00-01-00_label_A", "A", 120),
         ("calmD__#00-00-00_00-01-00_label_A", "A", 80),
+        ("fightE__#00-00-00_00-01-00_label_B1-0-0", "B1-0-0", 60),
     ]
     rows = ["path,label"]
     for name, label, length in train:
