@@ -64,6 +64,7 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
     root = (storage or Path(spec.storage_path)) / spec.name
     _check_storage(root, dry_run=args.dry_run)
     resume = _check_folder(root, args.resume)
+    _check_stores(root, spec)
     spec = dataclasses.replace(spec, num_samples=_study_size(spec, root, args.num_samples))
     base, data_note = _data(spec, root, dry_run=args.dry_run)
     spec = dataclasses.replace(spec, base=base)
@@ -117,22 +118,77 @@ def _check_storage(root: Path, dry_run: bool) -> None:
 def _check_folder(root: Path, resume: bool) -> bool:
     """Whether the study folder holds this study already; refuse to mix without --resume."""
     from tune.searcher import STUDY_DB
+    from tune.trainable import BASE_FILE
 
-    exists = (root / STUDY_DB).is_file() or (root / RAY_DIR).is_dir()
+    exists = (root / STUDY_DB).exists() or (root / RAY_DIR).exists()
     if exists and not resume:
         raise FileExistsError(
             f"{root} holds a study already; pass --resume to continue it, or choose another "
             f"name or --storage-path"
         )
-    if resume and not exists:
-        log.info("nothing to resume in %s: starting the study", root)
+    # A study stopped before its Optuna database was made has only its base config: that one
+    # may be resumed (or run again without --resume); a folder with neither is no study.
+    if resume and not exists and not (root / BASE_FILE).is_file():
+        raise FileNotFoundError(
+            f"--resume: {root} holds no study ({STUDY_DB}, {RAY_DIR}/ or {BASE_FILE}); run "
+            f"without --resume to start it, or fix the space's name or --storage-path"
+        )
     return exists
+
+
+# Tables an existing store of the study folder must have (beside others).
+_STORE_TABLES = {
+    "the Optuna study": {"studies", "trials", "study_user_attributes"},
+    "the MLflow tracking store": {"experiments", "runs"},
+}
+
+
+def _check_stores(root: Path, spec: SpaceSpec) -> None:
+    """An existing Optuna or MLflow SQLite store must be one of ours; it is opened read-only, so
+    a dry run writes nothing and a foreign file is never changed."""
+    from tune.searcher import STUDY_DB
+
+    fix = "move the file away, or choose another name or --storage-path"
+    stores = {root / STUDY_DB: "the Optuna study"}
+    uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
+    if uri.startswith("sqlite:///"):
+        stores[Path(uri.removeprefix("sqlite:///")).expanduser()] = "the MLflow tracking store"
+    for path, what in stores.items():
+        if not path.exists():
+            continue
+        tables = sqlite_tables(path, fix)
+        missing = sorted(_STORE_TABLES[what] - tables)
+        if tables and missing:  # no table at all: an empty store its program fills in
+            raise ValueError(
+                f"{path} is an SQLite database, but not {what} (no table {', '.join(missing)}): "
+                f"another program's file? {fix}"
+            )
+
+
+def sqlite_tables(path: Path, fix: str) -> set[str]:
+    """The table names of the SQLite file `path`, read without any write to it."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {fix}")
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except sqlite3.Error as exc:
+        raise ValueError(f"{path} is not a readable SQLite database ({exc}); {fix}") from exc
+    return {name for (name,) in rows}
 
 
 def _study_size(spec: SpaceSpec, root: Path, requested: int | None) -> int:
     """The number of trials: fixed by the study once it started, else the space's or -n's."""
     from tune.searcher import planned_trials
 
+    if requested is not None and requested < 1:
+        raise ValueError(
+            f"--num-samples {requested}: give 1 or more trials, or leave it out to use the "
+            f"space's num_samples ({spec.num_samples})"
+        )
     planned = planned_trials(root, spec.name)
     if planned is not None and requested not in (None, planned):
         raise ValueError(

@@ -10,9 +10,9 @@ left RUNNING and carried on by `--resume` (or adopted by the next new trial when
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,14 +68,38 @@ def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
 
 
 def planned_trials(study_dir: Path, name: str) -> int | None:
-    """How many trials the study `name` in `study_dir` was started with (None: no study yet)."""
-    if not (Path(study_dir) / STUDY_DB).is_file():
+    """How many trials the study `name` in `study_dir` was started with (None: no study yet).
+
+    Read with plain SQL on a read-only connection: Optuna's storage creates its tables when it
+    opens a file, and a dry run must not write.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    path = Path(study_dir) / STUDY_DB
+    if not path.is_file():
+        return None
+    query = (
+        "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
+        "ON a.study_id = s.study_id WHERE s.study_name = ? AND a.key = ?"
+    )
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute(query, (name, SIZE_ATTR)).fetchone()
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):  # an empty store: Optuna has not made its tables yet
+            return None
+        raise ValueError(
+            f"{path} cannot be read as an Optuna study ({exc}); move it away, or choose "
+            f"another name or --storage-path"
+        ) from exc
+    if row is None:
         return None
     try:
-        study = optuna.load_study(study_name=name, storage=storage_uri(study_dir))
-    except KeyError:
+        size = json.loads(row[0])
+    except ValueError:
         return None
-    return study.user_attrs.get(SIZE_ATTR)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def make_sampler(searcher: SearcherSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -205,12 +229,18 @@ class OptunaSearcher(Searcher):
             )
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump({"trials": dict(self._trials)}, file)
+        # JSON, not pickle: a study folder may come from someone else.
+        Path(checkpoint_path).write_text(json.dumps({"trials": self._trials}))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            self._trials = dict(pickle.load(file)["trials"])
+        try:
+            trials = json.loads(Path(checkpoint_path).read_text())["trials"]
+            self._trials = {str(k): int(v) for k, v in trials.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"{checkpoint_path}: the searcher's saved state cannot be read ({exc}); the "
+                f"study folder is damaged"
+            ) from exc
 
     # ------------------------------------------------------------------ internals
     def _enqueue_points(self) -> None:
