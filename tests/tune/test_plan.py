@@ -1,0 +1,118 @@
+"""The checks made before Ray starts, in-process: a bad study folder, store or count is one short
+`error:` message, and nothing in the folder is written or changed (a dry run writes nothing)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+from ray_fixtures import write_space
+
+from tune.searcher import SIZE_ATTR, planned_trials
+from tune.study import main
+
+
+def run(space: Path, *args: str) -> int:
+    return main(["--space", str(space), "--final-seeds", "0", *args])
+
+
+def one_error(capsys, status: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("error:") == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _foreign_sqlite(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+        db.execute("INSERT INTO invoices (amount) VALUES (12.5)")
+
+
+def _random_bytes(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(range(256)) * 64)
+
+
+STORES = {
+    "foreign optuna.db": ("optuna.db", _foreign_sqlite, "not the Optuna study"),
+    "random-bytes optuna.db": ("optuna.db", _random_bytes, "not a readable SQLite database"),
+    "foreign mlflow.db": ("mlflow.db", _foreign_sqlite, "not the MLflow tracking store"),
+    "random-bytes mlflow.db": ("mlflow.db", _random_bytes, "not a readable SQLite database"),
+}
+
+
+@pytest.mark.parametrize("case", list(STORES))
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_store_that_is_not_ours_is_refused_and_left_alone(
+    tmp_path, xd_small, capsys, case, dry_run
+):
+    name, make, message = STORES[case]
+    space = write_space(tmp_path, xd_small)
+    root = tmp_path / "studies" / "t"
+    make(root / name)
+    if name == "mlflow.db":  # a started study: its base config is there
+        (root / "base.yaml").write_text("{}\n")
+    before = files_of(root)
+    status = run(space, "--resume", *(["--dry-run"] if dry_run else []))
+    one_error(capsys, status, str(root / name), message, "--storage-path")
+    assert files_of(root) == before
+    assert not ray.is_initialized()
+
+
+def test_resume_dry_run_of_a_real_study_writes_nothing(tmp_path, xd_small, capsys):
+    space = write_space(tmp_path, xd_small)
+    root = tmp_path / "studies" / "t"
+    root.mkdir(parents=True)
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    study = optuna.create_study(study_name="t", storage=storage, direction="maximize")
+    study.set_user_attr(SIZE_ATTR, 5)
+    before = files_of(root)
+    assert run(space, "--resume", "--dry-run") == 0
+    assert "study t: 5 trials" in capsys.readouterr().out  # the size it was started with
+    assert files_of(root) == before and planned_trials(root, "t") == 5
+    assert planned_trials(root, "other") is None
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_num_samples_below_one(tmp_path, xd_small, capsys, count):
+    status = run(write_space(tmp_path, xd_small), "--dry-run", "--num-samples", count)
+    one_error(capsys, status, f"--num-samples {count}", "give 1 or more")
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_resume_of_a_folder_that_holds_no_study(tmp_path, xd_small, capsys, made):
+    space = write_space(tmp_path, xd_small)
+    root = tmp_path / "studies" / "t"
+    if made:
+        root.mkdir(parents=True)
+        (root / "notes.txt").write_text("mine\n")
+    status = run(space, "--resume")
+    one_error(capsys, status, "--resume", str(root), "holds no study", "without --resume")
+    assert files_of(root) == ({"notes.txt": b"mine\n"} if made else {}) or not root.exists()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [("model: {num_prototypes: 4\n", "not valid YAML"), ("[1, 2]\n", "mapping")],
+)
+def test_a_broken_base_config_in_the_study_folder(tmp_path, xd_small, capsys, text, needle):
+    space = write_space(tmp_path, xd_small)
+    root = tmp_path / "studies" / "t"
+    root.mkdir(parents=True)
+    (root / "base.yaml").write_text(text)
+    status = run(space, "--resume")
+    one_error(capsys, status, str(root / "base.yaml"), needle)
+    assert (root / "base.yaml").read_text() == text
