@@ -40,6 +40,7 @@ from dsanet.metrics import AP, AUC, MAP_AVG
 from dsanet.model import DSANet, parameter_groups
 from dsanet.optim import build_optimizers
 from dsanet.text import build_text_encoder
+from dsanet.yamlio import load_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +137,12 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 def read_run_config(path: Path) -> ExperimentConfig:
     """The `config.yaml` a run wrote next to its checkpoints."""
-    import yaml
-
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: a run folder holds the config.yaml that training wrote next to "
             f"its checkpoints"
         )
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return from_dict(tree, str(path))
+    return from_dict(load_yaml_file(path, ConfigError), str(path))
 
 
 def check_same_run(cfg: ExperimentConfig, saved: ExperimentConfig | dict, source: Path) -> None:

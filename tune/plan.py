@@ -13,9 +13,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from dsanet.config import ExperimentConfig, flatten, from_dict
+from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict
+from dsanet.yamlio import load_yaml_file
 from tune.space import SpaceSpec, load_space
 
 log = logging.getLogger(__name__)
@@ -252,7 +251,7 @@ def _write_base(root: Path, base: ExperimentConfig) -> None:
 
     path = root / BASE_FILE
     if path.is_file():
-        old = flatten(from_dict(yaml.safe_load(path.read_text()), str(path)))
+        old = flatten(from_dict(load_yaml_file(path, ConfigError), str(path)))
         changed = sorted(k for k, v in flatten(base).items() if old.get(k) != v)
         if changed:
             raise ValueError(

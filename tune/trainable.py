@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray import tune
 from ray.tune import Callback
 
-from dsanet.config import ExperimentConfig, from_dict
+from dsanet.config import ConfigError, ExperimentConfig, from_dict
+from dsanet.yamlio import load_yaml_file
 from tune.links import link_atomic
 from tune.searcher import OPTUNA_KEY
 
@@ -76,7 +76,7 @@ def run_trial(config: dict[str, Any]) -> None:
 def trial_config(config: dict[str, Any], study_dir: Path, out_dir: Path) -> ExperimentConfig:
     """The study's base config with the sampled parameters (config keys without a '_')."""
     base_file = study_dir / BASE_FILE
-    base = from_dict(yaml.safe_load(base_file.read_text()), str(base_file))
+    base = from_dict(load_yaml_file(base_file, ConfigError), str(base_file))
     sampled = {k: v for k, v in config.items() if not k.startswith("_")}
     return base.with_overrides({**sampled, "train.out_dir": str(out_dir)})
 
