@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
+from dsanet.errors import brief
+from dsanet.yamlio import load_yaml_file, parse_yaml
+
 CONFIG_DIR = Path(__file__).parent / "configs"
+INT_LIMIT = 2**63 - 1  # config integers fit in 64 bits (torch seeds, sizes, counts)
+LIST_LIMIT = 100  # values in a list field (milestones, iou_thresholds)
+EXTENDS_LIMIT = 16  # files in one `extends:` chain
 
 
 class ConfigError(ValueError):
@@ -257,7 +264,7 @@ for _k in ("w_mil", "w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather"
 def validate(cfg: ExperimentConfig, source: str = "config") -> ExperimentConfig:
     """Check range and cross-field rules; raise one ConfigError listing every violation."""
     problems = [
-        f"{name}={_get(cfg, name)!r}: must be {allowed}"
+        f"{name}={brief(_get(cfg, name))}: must be {allowed}"
         for name, ok, allowed in _RULES
         if not ok(cfg)
     ]
@@ -315,11 +322,11 @@ def _build(cls: type, tree: Mapping[str, Any], source: str, prefix: str) -> Any:
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(tree) - set(names))
+    unknown = sorted(set(tree) - set(names), key=str)
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(
-            f"{source}: unknown key(s) {[prefix + k for k in unknown]} in {where}; "
+            f"{source}: unknown key(s) {brief([f'{prefix}{k}' for k in unknown])} in {where}; "
             f"valid keys: {names}"
         )
     kwargs = {}
@@ -338,7 +345,7 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     origin = typing.get_origin(hint)
 
     def fail(allowed: str) -> typing.NoReturn:
-        raise ConfigError(f"{source}: {name}={value!r} is not {allowed}")
+        raise ConfigError(f"{source}: {name}={brief(value)} is not {allowed}")
 
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -351,6 +358,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             fail(f"a list of {item.__name__}")
+        if len(value) > LIST_LIMIT:
+            fail(f"a list of at most {LIST_LIMIT} values")
         return tuple(_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         fail("supported")  # no optional fields: "" or 0 mean "unset"
@@ -359,10 +368,12 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             fail("a boolean (true/false)")
         return value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
             fail("an integer")
+        if abs(value) > INT_LIMIT:
+            fail(f"an integer within ±{INT_LIMIT} (64 bits)")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
@@ -372,7 +383,7 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
                 fail("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
-        if not math.isfinite(value):
+        if isinstance(value, int) and abs(value) > INT_LIMIT or not math.isfinite(value):
             fail("a finite number")
         return float(value)
     if hint is str:
@@ -380,6 +391,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             return str(value)
         if not isinstance(value, str):
             fail("a string")
+        if "\x00" in value:
+            fail("a string without NUL characters")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {name}")  # internal invariant
 
@@ -395,21 +408,31 @@ def _apply_overrides(
             key, sep, raw = text.partition("=")
             if not sep or not key:
                 raise ConfigError(
-                    f"{source}: {text!r} is not of the form section.field=value "
+                    f"{source}: {brief(text)} is not of the form section.field=value "
                     f"(e.g. model.num_prototypes=32)"
                 )
-            items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+            value = parse_yaml(raw, f"{source}: value of {brief(text)}", ConfigError)
+            items.append((key.strip(), value if raw.strip() else ""))
     valid = set(field_names())
     for key, value in items:
-        parts = key.split(".")
         if key not in valid:
-            close = sorted(v for v in valid if v.split(".")[-1] == parts[-1]) or sorted(
-                v for v in valid if v.startswith(parts[0] + ".")
-            )
             raise ConfigError(
-                f"{source}: unknown field {key!r}; did you mean one of {close or sorted(valid)}?"
+                f"{source}: unknown field {brief(key)}; did you mean one of {_close(key, valid)}?"
             )
-        tree.setdefault(parts[0], {})[parts[1]] = value
+        section, name = key.split(".")
+        if not isinstance(tree.get(section), dict):  # absent, or left empty (null) in the file
+            tree[section] = {}
+        tree[section][name] = value
+
+
+def _close(key: Any, valid: set[str]) -> list[str]:
+    """Fields with the same last part as `key`, else those of its section, else all."""
+    parts = str(key).split(".")
+    return (
+        sorted(v for v in valid if v.split(".")[-1] == parts[-1])
+        or sorted(v for v in valid if v.startswith(parts[0] + "."))
+        or sorted(valid)
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -425,6 +448,8 @@ def load_config(
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
+        if "\x00" in str(path):
+            raise ConfigError(f"config path {brief(str(path))} holds a NUL character; fix the path")
         path = Path(path)
         if not path.suffix and not path.exists():  # a shipped config by name: xd, ucf, demo
             path = CONFIG_DIR / f"{path}.yaml"
@@ -444,15 +469,16 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
+    if len(seen) >= EXTENDS_LIMIT:
+        raise ConfigError(
+            f"{path}: 'extends' chains more than {EXTENDS_LIMIT} files; merge some of them"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"config file {path} not found; pass an existing YAML file "
             f"(examples are in dsanet/configs/)"
         )
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    tree = load_yaml_file(path, ConfigError) or {}
     if not isinstance(tree, dict):
         raise ConfigError(
             f"{path}: top level must be a mapping of sections "
@@ -462,13 +488,25 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if isinstance(data, dict):
         for key in _PATH_FIELDS:
             value = data.get(key)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if _relative_path(value):
                 data[key] = str((path.parent / value).resolve())
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
-    base = _read_tree(path.parent / str(parent), seen + (path,))
+    if not isinstance(parent, str) or not parent or "\x00" in parent:
+        raise ConfigError(
+            f"{path}: extends={brief(parent)} is not a file path; "
+            f"name the parent config, e.g. extends: xd.yaml"
+        )
+    base = _read_tree(path.parent / parent, seen + (path,))
     return _merge(base, tree)
+
+
+def _relative_path(value: Any) -> bool:
+    """Whether `value` is a relative path to resolve; a NUL is left for `_coerce` to report."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return False
+    return not Path(os.path.expanduser(value)).is_absolute()  # "~nosuchuser" stays relative
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

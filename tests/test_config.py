@@ -8,6 +8,11 @@ import pytest
 from conftest import REPO
 
 from dsanet.config import ConfigError, ExperimentConfig, flatten, load_config
+from dsanet.yamlio import MAX_BYTES
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
 
 
 def test_defaults_are_valid_and_frozen():
@@ -79,6 +84,55 @@ BAD_CONFIGS = {
     "override bad value": ("", ["train.device=tpu"], "train.device='tpu'"),
     "val fraction zero": ("data: {val_fraction: 0}\n", [], "data.val_fraction"),
     "extends missing": ("extends: nowhere.yaml\n", [], "not found"),
+    "extends not a path": ("extends: [a, b]\n", [], r"extends=\['a', 'b'\] is not a file path"),
+    "alias bomb": (ALIAS_BOMB, [], r"line 1, column 4: YAML anchors and aliases .*write the"),
+    "alias": (
+        "model: {num_prototypes: &k 4, decoder_depth: *k}\n",
+        [],
+        "anchors and aliases",
+    ),
+    "duplicate section": (
+        "model: {num_prototypes: 4}\nmodel: {decoder_depth: 2}\n",
+        [],
+        r"bad\.yaml: line 2, column 1: key 'model' is given twice \(first at line 1\)",
+    ),
+    "duplicate field": (
+        "model:\n  num_prototypes: 4\n  num_prototypes: 8\n",
+        [],
+        r"line 3, column 3: key 'num_prototypes' is given twice",
+    ),
+    "non-utf8 byte": (
+        b"model: {num_prototypes: 4}\ntext: {template: caf\xe9 {}}\n",
+        [],
+        r"bad\.yaml: not UTF-8 text: byte 0xe9 at line 2 .*save the file as UTF-8",
+    ),
+    "oversize file": ("model: {}\n#" + "x" * MAX_BYTES, [], r"larger than the 1024 KiB"),
+    "deep nesting": ("model: " + "[" * 40 + "]" * 40, [], "nested more than 32 levels"),
+    "unreadable scalar": ("data: {dataset: 2001-13-45}\n", [], r"line 1, column 17: cannot read"),
+    "int of 5000 digits": ("train: {seed: " + "9" * 5000 + "}\n", [], "cannot read '999"),
+    "override yaml syntax": (
+        "",
+        ["model.num_prototypes=[1,"],
+        r"bad\.yaml \(overrides\): value of 'model\.num_prototypes=\[1,': not valid YAML; fix "
+        r"the syntax at line 1",
+    ),
+    "override alias": ("", ["model.num_prototypes=&k 4"], "anchors and aliases"),
+    "override duplicate key": ("", ["train.device={a: 1, a: 2}"], "'a' is given twice"),
+    "huge int": (
+        "model: {num_prototypes: 100000000000000000000000}\n",
+        [],
+        r"num_prototypes=100000000000000000000000 is not an integer within ±9223372036854775807",
+    ),
+    "huge int for a float": ("optim: {lr: 1" + "0" * 400 + "}\n", [], "lr=.* is not a finite"),
+    "huge float for an int": ("train: {epochs: 1.0e+300}\n", [], "epochs=.* is not an integer"),
+    "bool as float": ("optim: {lr: true}\n", [], "optim.lr=True is not a number"),
+    "long list": (
+        f"optim: {{milestones: {list(range(1, 200))}}}\n",
+        [],
+        "milestones=.* is not a list of at most 100 values",
+    ),
+    "nul in a string": ('data: {list_dir: "a\\0b"}\n', [], "not a string without NUL"),
+    "non-string key": ("model: {1: 2}\n", [], r"unknown key\(s\) \['model\.1'\]"),
 }
 
 
@@ -86,10 +140,44 @@ BAD_CONFIGS = {
 def test_bad_configs_fail_with_field_and_fix(tmp_path, case):
     text, overrides, message = BAD_CONFIGS[case]
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises((ConfigError, FileNotFoundError), match=message) as info:
         load_config(path, overrides)
     assert str(path.name) in str(info.value) or "nowhere" in str(info.value)
+    assert len(str(info.value)) < 2000
+
+
+def test_huge_values_are_quoted_briefly(tmp_path):
+    path = tmp_path / "long.yaml"
+    for text, message in [
+        (f"train: {{device: {'x' * 100_000}}}\n", r"train\.device='x+\.\.\.x+': must be auto"),
+        (f"loss: {{w_mil: [{'1, ' * 1000}1]}}\n", r"w_mil=\[1, 1, 1, 1, 1, 1, \.\.\.\] is not a"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(path)
+        assert len(str(info.value)) < 500
+    with pytest.raises(ConfigError, match=r"unknown field 'y+\.\.\.y+'; did you mean") as info:
+        load_config(None, [f"{'y' * 100_000}=1"])
+    assert len(str(info.value)) < 2000
+
+
+def test_override_into_an_empty_section(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\n")
+    assert load_config(path, ["model.num_prototypes=3"]).model.num_prototypes == 3
+    assert load_config(path, {"model.num_prototypes": 5}).model.num_prototypes == 5
+
+
+def test_relative_path_with_unknown_user_stays_relative(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {list_dir: ~nosuchuser0/lists}\n")
+    assert load_config(path).data.list_dir == str(tmp_path / "~nosuchuser0" / "lists")
+
+
+def test_nul_in_config_path():
+    with pytest.raises(ConfigError, match="holds a NUL character"):
+        load_config("a\x00b.yaml")
 
 
 def test_missing_config_file():
