@@ -6,10 +6,13 @@ XD-Violence and UCF-Crime differ here and nowhere else: the presets live in `dsa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
-import yaml
+from dsanet.errors import brief
+from dsanet.yamlio import load_yaml_file
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -61,6 +64,7 @@ _ALLOWED = {
     "annotation_format": ("xd", "ucf"),
     "sampling": ("mixed", "paired"),
 }
+_COUNT_LIMIT = 10**6  # frames per snippet, path components, crops: small counts
 
 
 def load_spec(name_or_path: str | Path) -> DatasetSpec:
@@ -71,29 +75,135 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
     if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "synth")
         raise FileNotFoundError(
-            f"dataset spec {str(name_or_path)!r} not found: give a preset name ({presets}) "
+            f"dataset spec {brief(str(name_or_path))} not found: give a preset name ({presets}) "
             f"or the path of a dataset YAML"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path}: top level must be a mapping of dataset fields (name, class_labels, ...), "
+            f"got {type(raw).__name__}"
+        )
     fields = {f.name for f in dataclasses.fields(DatasetSpec)}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(raw) - fields, key=str)
     missing = sorted(fields - set(raw))
     if unknown or missing:
         raise ValueError(
-            f"{path}: unknown keys {unknown}, missing keys {missing}; valid keys: {sorted(fields)}"
+            f"{path}: unknown keys {brief(unknown)}, missing keys {missing}; "
+            f"valid keys: {sorted(fields)}"
         )
-    for key, allowed in _ALLOWED.items():
-        if raw[key] not in allowed:
-            raise ValueError(f"{path}: {key}={raw[key]!r}; allowed: {list(allowed)}")
-    raw["class_labels"] = tuple(str(c) for c in raw["class_labels"])
-    raw["prompts"] = tuple(tuple(str(p) for p in ps) for ps in raw["prompts"])
-    if len(raw["prompts"]) != len(raw["class_labels"]) or not all(raw["prompts"]):
+    spec = {key: _FIELDS[key](raw[key], _Field(path, key, raw[key])) for key in _FIELDS}
+    _check_consistency(spec, path)
+    return DatasetSpec(**spec)
+
+
+class _Field:
+    """Where a dataset field's value came from, for its error message."""
+
+    def __init__(self, path: Path, key: str, value: Any) -> None:
+        self.path, self.key, self.value = path, key, value
+
+    def fail(self, allowed: str) -> NoReturn:
+        raise ValueError(
+            f"{self.path}: {self.key}={brief(self.value)} is not {allowed}; fix the field"
+        )
+
+
+def _text(value: Any, where: _Field) -> str:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        where.fail("a non-empty string")
+    return value
+
+
+def _label(value: Any, where: _Field) -> str:
+    """A class label or prompt: a string, or an integer written without quotes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return _text(value, where)
+
+
+def _optional_text(value: Any, where: _Field) -> str | None:
+    return None if value is None else _text(value, where)
+
+
+def _optional_label(value: Any, where: _Field) -> str | None:
+    return None if value is None else _label(value, where)
+
+
+def _labels(value: Any, where: _Field) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        where.fail("a non-empty list of labels")
+    labels = tuple(_label(v, where) for v in value)
+    if len(set(labels)) != len(labels):
+        where.fail("a list of distinct labels")
+    return labels
+
+
+def _prompts(value: Any, where: _Field) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, list) and v for v in value):
+        where.fail("a list holding one non-empty list of descriptions per class")
+    return tuple(tuple(_label(p, where) for p in prompts) for prompts in value)
+
+
+def _count(value: Any, where: _Field, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _COUNT_LIMIT:
+        where.fail(f"an integer in [{low}, {_COUNT_LIMIT}]")
+    return value
+
+
+def _index(value: Any, where: _Field) -> int:
+    return _count(value, where, low=0)
+
+
+def _rate(value: Any, where: _Field) -> float:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= _COUNT_LIMIT:
+        where.fail(f"a number in (0, {_COUNT_LIMIT}]")
+    return value
+
+
+def _choice(value: Any, where: _Field) -> str:
+    allowed = _ALLOWED[where.key]
+    if value not in allowed:
+        where.fail(f"one of {list(allowed)}")
+    return value
+
+
+_FIELDS: dict[str, Callable[[Any, _Field], Any]] = {
+    "name": _text,
+    "class_labels": _labels,
+    "prompts": _prompts,
+    "normal_label": _label,
+    "label_separator": _optional_text,
+    "label_padding": _optional_label,
+    "frames_per_snippet": _count,
+    "fps": _rate,
+    "path_components": _count,
+    "train_list": _text,
+    "test_list": _text,
+    "gt_segments": _text,
+    "gt_labels": _text,
+    "annotation": _text,
+    "annotation_format": _choice,
+    "gt_normal_label": _label,
+    "crops": _count,
+    "test_crop": _index,
+    "sampling": _choice,
+}
+
+
+def _check_consistency(spec: dict[str, Any], path: Path) -> None:
+    if len(spec["prompts"]) != len(spec["class_labels"]):
         raise ValueError(
             f"{path}: prompts must hold one non-empty list of descriptions per class "
-            f"({len(raw['class_labels'])} classes, {len(raw['prompts'])} prompt lists)"
+            f"({len(spec['class_labels'])} classes, {len(spec['prompts'])} prompt lists)"
         )
-    if raw["class_labels"][0] != raw["normal_label"]:
+    if spec["class_labels"][0] != spec["normal_label"]:
         raise ValueError(
-            f"{path}: class_labels[0] must be the normal label {raw['normal_label']!r}"
+            f"{path}: class_labels[0] must be the normal label {brief(spec['normal_label'])}"
         )
-    return DatasetSpec(**raw)
+    if spec["test_crop"] >= spec["crops"]:
+        raise ValueError(
+            f"{path}: test_crop={spec['test_crop']} must be below crops={spec['crops']} "
+            f"(crops are numbered from 0)"
+        )

@@ -12,9 +12,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import yaml
 
 from dsanet.datasets import PRESET_DIR, DatasetSpec
+from dsanet.yamlio import load_yaml_file
 
 CALIBRATION_PATH = PRESET_DIR / "synth.yaml"
 SPLITS = ("train", "test")
@@ -55,7 +55,7 @@ class SynthPreset:
 @lru_cache(maxsize=1)
 def load_calibration() -> dict[str, Any]:
     """The parsed `synth.yaml` (presets, per-dataset statistics, feature model)."""
-    return yaml.safe_load(CALIBRATION_PATH.read_text())
+    return load_yaml_file(CALIBRATION_PATH)
 
 
 def resolve_preset(name: str, scale: float = 1.0) -> SynthPreset:
