@@ -451,7 +451,7 @@ def load_config(
         if "\x00" in str(path):
             raise ConfigError(f"config path {brief(str(path))} holds a NUL character; fix the path")
         path = Path(path)
-        if not path.suffix and not path.exists():  # a shipped config by name: xd, ucf, demo
+        if not path.suffix and not is_file(path, ConfigError):  # shipped: xd, ucf, demo
             path = CONFIG_DIR / f"{path}.yaml"
         tree = _read_tree(path, seen=())
         source = str(path)
@@ -473,7 +473,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: 'extends' chains more than {EXTENDS_LIMIT} files; merge some of them"
         )
-    if not path.is_file():
+    if not is_file(path, ConfigError):
         raise FileNotFoundError(
             f"config file {path} not found; pass an existing YAML file "
             f"(examples are in dsanet/configs/)"
@@ -500,6 +500,14 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         )
     base = _read_tree(path.parent / parent, seen + (path,))
     return _merge(base, tree)
+
+
+def is_file(path: Path, error: type[Exception]) -> bool:
+    """`path.is_file()`; a path the system refuses (a name too long, ...) is an `error`."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise error(f"{brief(str(path))}: not a usable path ({exc.strerror}); fix it") from exc
 
 
 def _relative_path(value: Any) -> bool:

@@ -108,10 +108,20 @@ else:
 
 
 def load_yaml_file(path: str | Path, error: type[Exception] = ValueError) -> Any:
-    """The parsed content of the YAML file `path` (None if empty); any problem is one `error`."""
+    """The parsed content of the YAML file `path` (None if empty); any problem is one `error`.
+
+    A missing file stays a FileNotFoundError, for callers that offer alternatives.
+    """
     path = Path(path)
-    with path.open("rb") as stream:
-        data = stream.read(MAX_BYTES + 1)
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a folder, no permission, a name too long, an I/O error
+        raise error(
+            f"{path}: cannot be read ({exc.strerror or exc}); check the path and its permissions"
+        ) from exc
     if len(data) > MAX_BYTES:
         raise error(
             f"{path}: larger than the {MAX_BYTES // 1024} KiB a YAML file here may hold "
@@ -155,7 +165,7 @@ def _parse(text: str, source: str, error: type[Exception]) -> Any:
 def describe(exc: yaml.YAMLError, text: str) -> str:
     """One line: where in `text` the YAML error lies, what it is, and the fix."""
     if isinstance(exc, _Refused):
-        return f"{_at(exc.mark)}: {exc.text}"
+        return f"{_at(exc.mark, text)}: {exc.text}"
     if isinstance(exc, yaml.reader.ReaderError):
         position = exc.position
         if exc.encoding != "unicode":  # libyaml counts UTF-8 bytes
@@ -166,7 +176,7 @@ def describe(exc: yaml.YAMLError, text: str) -> str:
         problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
     elif isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
-        where = _at(mark) if mark is not None else "an unknown place"
+        where = _at(mark, text) if mark is not None else "an unknown place"
         problem = exc.problem or exc.context or type(exc).__name__
         if exc.context and exc.problem:
             problem += f" ({exc.context}{_also_at(exc.context_mark, mark)})"
@@ -178,8 +188,14 @@ def describe(exc: yaml.YAMLError, text: str) -> str:
     return f"not valid YAML; fix the syntax at {where}: {problem}"
 
 
-def _at(mark: Any) -> str:
-    return f"line {mark.line + 1}, column {mark.column + 1}"
+def _at(mark: Any, text: str) -> str:
+    """'line L, column C' of `mark`; the end of the text where libyaml points past it."""
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    if mark.line < len(lines) or not lines:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"line {len(lines)}, column {len(lines[-1]) + 1}"
 
 
 def _also_at(context_mark: Any, problem_mark: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -175,9 +176,20 @@ def test_relative_path_with_unknown_user_stays_relative(tmp_path):
     assert load_config(path).data.list_dir == str(tmp_path / "~nosuchuser0" / "lists")
 
 
-def test_nul_in_config_path():
+def test_unusable_config_paths(tmp_path):
     with pytest.raises(ConfigError, match="holds a NUL character"):
         load_config("a\x00b.yaml")
+    with pytest.raises(ConfigError, match=r"not a usable path \(File name too long\); fix it"):
+        load_config("x" * 300)
+    path = tmp_path / "child.yaml"
+    path.write_text(f"extends: {'x' * 300}.yaml\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml': not a usable path \(File name too long\)"):
+        load_config(path)
+    path.write_text("data: {list_dir: lists}\n")
+    path.chmod(0)
+    if not os.access(path, os.R_OK):  # root reads it anyway
+        with pytest.raises(ConfigError, match=r"child\.yaml: cannot be read \(Permission denied"):
+            load_config(path)
 
 
 def test_missing_config_file():

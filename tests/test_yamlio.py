@@ -115,3 +115,10 @@ def test_error_class_is_the_callers(tmp_path: Path):
 def test_lone_surrogate_in_text():
     with pytest.raises(ValueError, match=r"override: character 4 is not valid Unicode"):
         parse_yaml("[1,\udcff]", "override")
+
+
+def test_unreadable_path_is_the_callers_error(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"cannot be read \(Is a directory\); check the path"):
+        load_yaml_file(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_yaml_file(tmp_path / "missing.yaml")
