@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dsanet.data import VideoList, load_feature_file, resample
+from dsanet.npyio import open_npy
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def open_train(cache_dir: Path, videos: VideoList, length: int, width: int) -> P
         lambda tmp: _build_train(tmp, videos, length, width),
     )
     return PackedTrain(
-        np.load(folder / "features.npy", mmap_mode="r"),
-        np.load(folder / "lengths.npy"),
-        np.load(folder / "targets.npy"),
+        _open_packed(folder, "features.npy", mmap_mode="r"),
+        _open_packed(folder, "lengths.npy"),
+        _open_packed(folder, "targets.npy"),
     )
 
 
@@ -83,10 +84,16 @@ def open_test(cache_dir: Path, videos: VideoList, width: int) -> PackedTest:
         cache_dir, cache_key("test", videos, 0, width), lambda tmp: _build_test(tmp, videos, width)
     )
     return PackedTest(
-        np.load(folder / "features.npy", mmap_mode="r"),
-        np.load(folder / "offsets.npy"),
-        np.load(folder / "targets.npy"),
+        _open_packed(folder, "features.npy", mmap_mode="r"),
+        _open_packed(folder, "offsets.npy"),
+        _open_packed(folder, "targets.npy"),
     )
+
+
+def _open_packed(folder: Path, name: str, mmap_mode: str | None = None) -> np.ndarray:
+    """One array of a finished cache; a damaged one names the folder to delete."""
+    fix = f"the feature cache {folder} is damaged: delete that folder and the next run rebuilds it"
+    return open_npy(folder / name, what="feature cache file", fix=fix, mmap_mode=mmap_mode)
 
 
 def _ensure(cache_dir: Path, key: str, build) -> Path:

@@ -7,6 +7,7 @@ test videos are read whole and cut into fixed-length chunks (spec §1.4, §1.5).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from dsanet.datasets import DatasetSpec
+from dsanet.errors import brief
+from dsanet.npyio import GT_FIX, load_object_list, open_npy
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +89,61 @@ def read_list(csv_path: Path, feature_root: Path, spec: DatasetSpec) -> VideoLis
             f"feature list {csv_path} not found; set data.list_dir to the folder holding "
             f"{spec.train_list} and {spec.test_list} (VadCLIP's list/ folder)"
         )
-    with csv_path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        rows = [r for r in reader if r]
+    header, rows = _csv_rows(csv_path)
     if header is None or [h.strip() for h in header[:2]] != ["path", "label"]:
-        raise ValueError(f"{csv_path}: the header must be 'path,label', found {header}")
+        raise ValueError(f"{csv_path}: the header must be 'path,label', found {brief(header)}")
     if not rows:
         raise ValueError(f"{csv_path}: the list has a header but no rows")
     paths, labels, videos = [], [], []
     targets = np.zeros((len(rows), spec.num_classes), dtype=np.float32)
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(rows):
         if len(row) < 2:
-            raise ValueError(f"{csv_path}, row {i + 2}: expected 'path,label', got {row}")
+            raise ValueError(f"{csv_path}, line {line}: expected 'path,label', got {brief(row)}")
         raw_path, label = row[0].strip(), row[1].strip()
         parts = Path(raw_path.replace("\\", "/")).parts[-spec.path_components :]
         try:
             targets[i, list(spec.parse_label(label))] = 1.0
         except ValueError as exc:
-            raise ValueError(f"{csv_path}, row {i + 2}: {exc}") from exc
+            raise ValueError(f"{csv_path}, line {line}: {exc}") from exc
         paths.append(feature_root.joinpath(*parts))
         labels.append(label)
         videos.append(_video_name(parts[-1]))
     return VideoList(tuple(paths), tuple(labels), tuple(videos), targets)
+
+
+def _read_utf8(path: Path, what: str) -> str:
+    """A text file others wrote, decoded as UTF-8 (a leading BOM dropped); NUL bytes refused."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{what} {path}, line {line} (byte {exc.start}): {brief(raw[exc.start : exc.end])} "
+            f"is not UTF-8 text; save the file as UTF-8"
+        ) from exc
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise ValueError(
+            f"{what} {path}, line {line}: a NUL byte, which no text list holds; re-download or "
+            f"re-export it as UTF-8 text"
+        )
+    return text
+
+
+def _csv_rows(csv_path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header, [(line number, row)]) of a list CSV, empty rows dropped."""
+    reader = csv.reader(io.StringIO(_read_utf8(csv_path, "feature list"), newline=""))
+    try:
+        header = next(reader, None)
+        rows = [(reader.line_num, row) for row in reader if row]
+    except csv.Error as exc:
+        raise ValueError(
+            f"feature list {csv_path}, line {reader.line_num}: not a readable CSV ({exc}); "
+            f"it must be a 'path,label' CSV as VadCLIP's lists are"
+        ) from exc
+    return header, rows
 
 
 def _video_name(file_name: str) -> str:
@@ -124,12 +159,7 @@ def load_feature_file(path: Path, width: int) -> np.ndarray:
             f"feature file {path} not found; check data.feature_root (list paths keep their "
             f"last components and are joined to it)"
         )
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(
-            f"feature file {path} cannot be read as .npy ({exc}); re-extract or re-copy it"
-        ) from exc
+    array = open_npy(path, what="feature file", fix="re-extract or re-copy it")
     if array.ndim != 2 or array.shape[1] != width or array.shape[0] == 0:
         raise ValueError(
             f"feature file {path}: shape {array.shape}, expected (T>=1, {width}) "
@@ -152,7 +182,7 @@ def read_annotation(path: Path, spec: DatasetSpec) -> dict[str, list[tuple[int, 
             f"({spec.annotation}); set data.list_dir to its folder"
         )
     out: dict[str, list[tuple[int, int]]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_utf8(path, "annotation file").splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
@@ -187,13 +217,13 @@ def frame_ground_truth(
         if not is_normal:
             if name not in annotation:
                 raise ValueError(
-                    f"anomalous test video {name!r} has no line in the annotation "
+                    f"anomalous test video {brief(name)} has no line in the annotation "
                     f"file; the list and the annotation do not belong together"
                 )
             for s, e in annotation[name]:
                 if s >= num_frames + frames_per_snippet:  # see check_gt_segments
                     raise ValueError(
-                        f"annotation of test video {name!r}: interval [{s}, {e}) starts after "
+                        f"annotation of test video {brief(name)}: interval [{s}, {e}) starts after "
                         f"its last frame ({num_rows} feature rows x {frames_per_snippet} = "
                         f"{num_frames} frames, plus the {frames_per_snippet - 1} raw frames a "
                         f"last partial snippet may hold); the features and the annotation do "
@@ -215,7 +245,7 @@ def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int) -> tupl
                 f"{path} not found; it ships with the VadCLIP lists; set "
                 f"data.list_dir to its folder"
             )
-        arrays.append(list(np.load(path, allow_pickle=True)))
+        arrays.append(load_object_list(path))
     segments, labels = arrays
     for name, values in ((spec.gt_segments, segments), (spec.gt_labels, labels)):
         if len(values) != num_videos:
@@ -223,7 +253,47 @@ def load_gt_segments(list_dir: Path, spec: DatasetSpec, num_videos: int) -> tupl
                 f"{list_dir / name}: {len(values)} entries but the test list "
                 f"{spec.test_list} has {num_videos} videos; they must be in step"
             )
+    _check_gt_content(list_dir / spec.gt_segments, segments, list_dir / spec.gt_labels, labels)
     return segments, labels
+
+
+SEGMENT_FORM = "a list of [start, end] frame pairs, ints or strings of ints ([['157', '180'], ...])"
+LABEL_FORM = "a list of class-label strings, one per segment (['B1', 'G', ...])"
+
+
+def _is_frame(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            int(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_segment_list(entry: object) -> bool:
+    return isinstance(entry, list | tuple) and all(
+        isinstance(pair, list | tuple) and len(pair) == 2 and all(map(_is_frame, pair))
+        for pair in entry
+    )
+
+
+def _check_gt_content(segment_path: Path, segments: list, label_path: Path, labels: list) -> None:
+    """Each gt entry is a list of [start, end] pairs with one label string per pair."""
+    for index, (pairs, names) in enumerate(zip(segments, labels, strict=True)):
+        if not _is_segment_list(pairs):
+            raise ValueError(
+                f"{segment_path}, entry {index}: {brief(pairs)} is not {SEGMENT_FORM}; {GT_FIX}"
+            )
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"{label_path}, entry {index}: {brief(names)} is not {LABEL_FORM}; {GT_FIX}"
+            )
+        if len(names) != len(pairs):
+            raise ValueError(
+                f"{label_path}, entry {index}: {len(names)} labels for the {len(pairs)} segments "
+                f"of {segment_path}; the two gt files must come from the same VadCLIP lists"
+            )
 
 
 def check_gt_segments(
@@ -239,8 +309,9 @@ def check_gt_segments(
         num_frames = int(num_rows) * frames_per_snippet
         for pair in pairs:
             if int(pair[0]) >= num_frames + frames_per_snippet:
+                segment = [int(v) for v in pair]
                 raise ValueError(
-                    f"{path}, entry {index} ({name}): segment {[int(v) for v in pair]} starts "
+                    f"{path}, entry {index} ({brief(name)}): segment {segment} starts "
                     f"after the video's last frame ({num_frames} frames from {num_rows} feature "
                     f"rows, plus up to {frames_per_snippet - 1} raw frames of a dropped partial "
                     f"snippet); the gt file and the test features do not belong together"

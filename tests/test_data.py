@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from dsanet.data import (
     chunk_lengths,
     epoch_batches,
     iterate_batches,
+    load_gt_segments,
     read_list,
     resample,
     split_by_video,
@@ -23,6 +25,7 @@ from dsanet.data import (
 )
 from dsanet.datasets import load_spec
 from dsanet.loading import load_data
+from dsanet.npyio import load_object_list
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def test_chunk_lengths_drop_empty_chunk():
 def test_read_list_reroots_paths(tiny_tree):
     spec = load_spec("xd")
     videos = read_list(tiny_tree["lists"] / spec.train_list, tiny_tree["features"], spec)
-    assert len(videos) == 40
+    assert len(videos) == 50
     assert all(p.parent == tiny_tree["features"] for p in videos.paths)
     assert videos.videos[0] == "fightA__#00-00-00_00-01-00_label_B1-0-0"
     # B2-G-0 is multi-label: indices of B2 and G.
@@ -112,12 +115,12 @@ def test_load_data_ground_truth_and_split(tiny_tree):
     assert gt[:32].sum() == 0 and gt[32:160].all() and gt[160:4000].sum() == 0
     assert gt[4000:].all()  # cut at the video's last frame
     assert bundle.test.gt_frames[520 * 16 :].sum() == 0
-    assert bundle.train.features.shape == (40, 256, 512)
+    assert bundle.train.features.shape == (50, 256, 512)
     assert bundle.train.lengths[0] == 256 and bundle.train.lengths[20] == 120
     train_videos = {bundle.train_list.videos[i] for i in bundle.train_rows}
     val_videos = {bundle.train_list.videos[i] for i in bundle.val_rows}
     assert train_videos and val_videos and not train_videos & val_videos
-    assert len(bundle.train_rows) + len(bundle.val_rows) == 40
+    assert len(bundle.train_rows) + len(bundle.val_rows) == 50
 
 
 def test_split_by_video_is_disjoint_stratified_and_seeded():
@@ -211,10 +214,71 @@ def _rewrite(path: Path, old: str, new: str) -> None:
     path.write_text(path.read_text().replace(old, new, 1))
 
 
+def _save_objects(path: Path, entries: list) -> None:
+    """A 1-D object array of lists, pickled by np.save as VadCLIP's gt files are."""
+    array = np.empty(len(entries), dtype=object)
+    for index, entry in enumerate(entries):
+        array[index] = entry
+    np.save(path, array, allow_pickle=True)
+
+
+def _replace_entry(path: Path, index: int, value) -> None:
+    entries = load_object_list(path)
+    entries[index] = value
+    _save_objects(path, entries)
+
+
 def _replace_segments(path: Path, index: int, pairs: list) -> None:
-    segments = np.load(path, allow_pickle=True)
-    segments[index] = pairs
-    np.save(path, segments, allow_pickle=True)
+    _replace_entry(path, index, pairs)
+
+
+class _MkdirPayload:
+    """Unpickling this calls os.mkdir(marker): a stand-in for whatever code a pickle may run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _plant_payload(path: Path, marker: Path) -> None:
+    """Keep a gt file's entries but hide a payload in the first, as a tampered mirror could."""
+    _replace_entry(path, 0, [[_MkdirPayload(marker), "160"]])
+
+
+def _rewrite_bytes(path: Path, old: bytes, new: bytes) -> None:
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+
+
+def _cut(path: Path, keep: int) -> None:
+    """Keep the first `keep` bytes (all but -keep when negative), as an interrupted copy does."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _calm(tree: dict[str, Path]) -> Path:
+    return next(tree["features"].glob("calmC*__3.npy"))
+
+
+def _write_npz(path: Path) -> None:
+    with path.open("wb") as handle:  # np.savez given a path would append .npz
+        np.savez(handle, features=np.zeros((5, 512), np.float32))
+
+
+def _write_header_only(path: Path, shape: tuple[int, ...]) -> None:
+    """A float32 .npy header claiming `shape`, then 64 bytes of data."""
+    with path.open("wb") as handle:
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(bytes(64))
+
+
+def _damage_cache(tree: dict[str, Path], damage) -> None:
+    """Build the training cache a run of the tiny tree opens, then damage its folder."""
+    spec = load_spec("xd")
+    videos = read_list(tree["lists"] / spec.train_list, tree["features"], spec)
+    open_train(tree["cache"], videos, 256, 512)
+    damage(next(p for p in tree["cache"].iterdir() if p.is_dir()))
 
 
 BAD_DATA = {
@@ -285,7 +349,7 @@ BAD_DATA = {
     "gt segment beyond video": (
         lambda t: _replace_segments(t["lists"] / "gt_segment.npy", 1, [[2000, 2100]]),
         {},
-        r"gt_segment.npy, entry 1 \(testN.*starts after the video's last frame \(1600 frames",
+        r"gt_segment.npy, entry 1 \('testN.*starts after the video's last frame \(1600 frames",
     ),
     "annotation beyond video": (
         lambda t: _rewrite(t["lists"] / "annotations.txt", "4000 9000", "8400 9000"),
@@ -298,9 +362,7 @@ BAD_DATA = {
         r"cannot create the feature cache folder .*set data.cache_dir",
     ),
     "gt and test list differ": (
-        lambda t: np.save(
-            t["lists"] / "gt_label.npy", np.array([["A"], ["A"]], dtype=object), allow_pickle=True
-        ),
+        lambda t: _save_objects(t["lists"] / "gt_label.npy", [["A"], ["A"]]),
         {},
         "in step",
     ),
@@ -310,6 +372,99 @@ BAD_DATA = {
         "no line in the annotation",
     ),
     "unknown dataset preset": (lambda t: None, {"dataset": "kinetics"}, "preset name"),
+    "list not UTF-8": (
+        lambda t: _rewrite_bytes(t["lists"] / "xd_CLIP_rgb.csv", b"fightA", b"fight\xc4"),
+        {},
+        r"xd_CLIP_rgb.csv, line 2 \(byte 48\): .* is not UTF-8 text; save the file as UTF-8",
+    ),
+    "list NUL byte": (
+        lambda t: _rewrite_bytes(t["lists"] / "xd_CLIP_rgb.csv", b",B2-G-0", b",B2\0-G-0"),
+        {},
+        r"xd_CLIP_rgb.csv, line 12: a NUL byte",
+    ),
+    "list field over the csv limit": (
+        lambda t: (t["lists"] / "xd_CLIP_rgb.csv").write_text(f"path,label\n{'a' * 200_000},A\n"),
+        {},
+        r"xd_CLIP_rgb.csv, line 2: not a readable CSV \(field larger than field limit",
+    ),
+    "annotation not UTF-8": (
+        lambda t: _rewrite_bytes(t["lists"] / "annotations.txt", b"\n", b"\ncaf\xe9 1 2\n"),
+        {},
+        r"annotation file .*annotations.txt, line 2 \(byte \d+\): .* is not UTF-8 text",
+    ),
+    "gt pickle payload": (
+        lambda t: _plant_payload(t["lists"] / "gt_segment.npy", t["lists"] / "payload-ran"),
+        {},
+        r"gt_segment.npy was refused: its pickle asks for '(posix|nt)\.mkdir'.*nothing in the "
+        r"file was run; re-download the VadCLIP lists from a source you trust; this file asks "
+        r"to run code",
+    ),
+    "gt numeric": (
+        lambda t: np.save(t["lists"] / "gt_segment.npy", np.zeros((3, 2), np.int64)),
+        {},
+        r"gt_segment.npy holds a <i8 array of shape \(3, 2\); expected a 1-D object array",
+    ),
+    "gt segment not frame pairs": (
+        lambda t: _replace_segments(t["lists"] / "gt_segment.npy", 1, [["start", "end"]]),
+        {},
+        r"gt_segment.npy, entry 1: \[\['start', 'end'\]\] is not a list of \[start, end\] frame",
+    ),
+    "gt segment of three values": (
+        lambda t: _replace_segments(t["lists"] / "gt_segment.npy", 2, [[0, 16, 32]]),
+        {},
+        r"gt_segment.npy, entry 2: \[\[0, 16, 32\]\] is not a list of \[start, end\] frame",
+    ),
+    "gt label not strings": (
+        lambda t: _replace_entry(t["lists"] / "gt_label.npy", 0, [1, 2]),
+        {},
+        r"gt_label.npy, entry 0: \[1, 2\] is not a list of class-label strings",
+    ),
+    "gt labels out of step with segments": (
+        lambda t: _replace_entry(t["lists"] / "gt_label.npy", 0, ["B1"]),
+        {},
+        r"gt_label.npy, entry 0: 1 labels for the 2 segments of .*gt_segment.npy",
+    ),
+    "gt truncated": (
+        lambda t: _cut(t["lists"] / "gt_segment.npy", 150),
+        {},
+        r"gt_segment.npy has damaged pickled data",
+    ),
+    "gt not npy": (
+        lambda t: (t["lists"] / "gt_label.npy").write_bytes(b"<html>mirror error</html>"),
+        {},
+        r"gt_label.npy cannot be read as .npy",
+    ),
+    "npy is an npz": (
+        lambda t: _write_npz(_calm(t)),
+        {},
+        r"calmC.*is a zip archive \(an .npz\?\), not a .npy array",
+    ),
+    "npy of strings": (
+        lambda t: np.save(_calm(t), np.full((5, 512), "x")),
+        {},
+        r"calmC.*has dtype '<U1'; expected a float, int or bool array",
+    ),
+    "npy header claims a petabyte": (
+        lambda t: _write_header_only(_calm(t), (2**40, 256)),
+        {},
+        r"calmC.*is truncated: 64 bytes of 1125899906842624 after its header",
+    ),
+    "npy truncated": (
+        lambda t: _cut(_calm(t), -100),
+        {},
+        r"calmC.*is truncated: \d+ bytes of \d+ after its header.*re-extract or re-copy it",
+    ),
+    "cache file truncated": (
+        lambda t: _damage_cache(t, lambda folder: _cut(folder / "features.npy", 4096)),
+        {},
+        r"feature cache file .*/(train-\w+)/features.npy is truncated: .*the feature cache "
+        r".*/\1 is damaged: delete that folder and the next run rebuilds it",
+    ),
+    "cache file missing": (
+        lambda t: _damage_cache(t, lambda folder: (folder / "lengths.npy").unlink()),
+        {},
+        r"/(train-\w+)/lengths.npy cannot be opened .*/\1 is damaged: delete that folder",
+    ),
 }
 
 
@@ -367,3 +522,28 @@ def test_loader_reads_synthetic_trees_like_real_ones(tmp_path, preset, scale):
     assert len(bundle.test.gt_frames) == spec.frames_per_snippet * lengths.sum()
     assert bundle.test.gt_frames.mean() == pytest.approx(summary.test_positive_rate, abs=1e-4)
     assert bundle.test.gt_frames[: 16 * lengths[0]].any()  # anomalous rows come first
+
+
+def test_pickle_payload_in_gt_file_runs_no_code(tiny_tree):
+    path, marker = tiny_tree["lists"] / "gt_segment.npy", tiny_tree["lists"] / "payload-ran"
+    _plant_payload(path, marker)
+    assert len(np.load(path, allow_pickle=True)) == 3  # still looks like a gt file, and yet
+    assert marker.is_dir()  # reading it as numpy does ran the payload
+    marker.rmdir()
+    with pytest.raises(ValueError, match=re.escape(f"{path} was refused")):
+        load_object_list(path)
+    with pytest.raises(ValueError, match="this file asks to run code"):
+        load_gt_segments(tiny_tree["lists"], load_spec("xd"), 3)
+    assert not marker.exists()
+
+
+def test_list_errors_quote_a_bounded_part_of_the_file(tmp_path):
+    spec = load_spec("xd")
+    path = tmp_path / "list.csv"
+    path.write_text(f"{'p' * 5000},label\n")
+    with pytest.raises(ValueError, match="header must be 'path,label', found") as header:
+        read_list(path, tmp_path, spec)
+    path.write_text(f"path,label\n{'q' * 5000}\n")
+    with pytest.raises(ValueError, match="line 2: expected 'path,label'") as row:
+        read_list(path, tmp_path, spec)
+    assert len(str(header.value)) < 300 and len(str(row.value)) < 300
