@@ -42,10 +42,9 @@ class DataBundle:
     train: PackedTrain
     train_list: VideoList
     train_rows: np.ndarray  # row indices used for training
-    val_rows: (
-        np.ndarray
-    )  # row indices held out for model selection (empty unless protocol 'validation')
-    test: TestSet
+    # row indices held out for model selection (empty unless protocol 'validation')
+    val_rows: np.ndarray
+    test: TestSet | None  # None when loaded without the test split
 
 
 def resolve_paths(cfg: DataConfig, spec: DatasetSpec) -> tuple[Path, Path, Path, Path]:
@@ -80,30 +79,47 @@ def resolve_paths(cfg: DataConfig, spec: DatasetSpec) -> tuple[Path, Path, Path,
     return list_dir, root, test_root, cache
 
 
-def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
-    """Read and check every input of a run; build the caches on first use."""
+@dataclass(frozen=True)
+class TestInputs:
+    """The test list with its ground truth, read and checked; no test feature read yet."""
+
+    videos: VideoList
+    gt_segments: list
+    gt_labels: list
+    annotation: dict[str, list[tuple[int, int]]]
+
+
+def read_test_inputs(cfg: DataConfig) -> TestInputs:
+    """The test list, gt files and annotation, checked against each other; the feature files
+    are only looked up. A search checks these before its trials, which never read the test set."""
     spec = load_spec(cfg.dataset)
-    list_dir, root, test_root, cache = resolve_paths(cfg, spec)
-    train_list = read_list(list_dir / spec.train_list, root, spec)
-    test_list = read_list(list_dir / spec.test_list, test_root, spec)
-    gt_segments, gt_labels = load_gt_segments(list_dir, spec, len(test_list))
+    list_dir, _, test_root, _ = resolve_paths(cfg, spec)
+    videos = read_list(list_dir / spec.test_list, test_root, spec)
+    gt_segments, gt_labels = load_gt_segments(list_dir, spec, len(videos))
     annotation = read_annotation(list_dir / spec.annotation, spec)
+    rows = np.arange(len(videos))
+    _check_both_classes(list_dir / spec.test_list, videos, rows, "test list", "")
+    missing = [path for path in videos.paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"test feature file {missing[0]} not found ({len(missing)} of {len(videos)} missing); "
+            f"check data.test_feature_root (or data.feature_root): list paths keep their last "
+            f"components and are joined to it"
+        )
+    return TestInputs(videos, gt_segments, gt_labels, annotation)
+
+
+def load_data(cfg: DataConfig, length: int, width: int, test: bool = True) -> DataBundle:
+    """Read and check every input of a run; build the caches on first use.
+
+    Without `test`, nothing of the test split is read and `DataBundle.test` is None: a search's
+    trials select on the validation split and never see the test set.
+    """
+    spec = load_spec(cfg.dataset)
+    list_dir, root, _, cache = resolve_paths(cfg, spec)
+    train_list = read_list(list_dir / spec.train_list, root, spec)
+    test_inputs = read_test_inputs(cfg) if test else None  # checked before any packing
     train = open_train(cache, train_list, length, width)
-    packed_test = open_test(cache, test_list, width)
-    check_gt_segments(
-        list_dir / spec.gt_segments,
-        gt_segments,
-        list(test_list.videos),
-        packed_test.lengths,
-        spec.frames_per_snippet,
-    )
-    gt_frames = frame_ground_truth(
-        list(test_list.videos),
-        packed_test.lengths,
-        test_list.targets[:, 0] == 1,
-        annotation,
-        spec.frames_per_snippet,
-    )
     if cfg.protocol != "validation":
         train_rows = np.arange(len(train_list))
         val_rows = np.zeros(0, dtype=np.int64)
@@ -127,8 +143,29 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
             "; raise data.val_fraction or try another data.split_seed, so that the held-out "
             "videos include both kinds (val AP/AUC need both)",
         )
-    _check_both_classes(
-        list_dir / spec.test_list, test_list, np.arange(len(test_list)), "test list", ""
+    test_set = _open_test(test_inputs, spec, list_dir, cache, width) if test_inputs else None
+    return DataBundle(spec, train, train_list, train_rows, val_rows, test_set)
+
+
+def _open_test(
+    inputs: TestInputs, spec: DatasetSpec, list_dir: Path, cache: Path, width: int
+) -> TestSet:
+    """Pack (first time) and open the test features; build the frame-level ground truth."""
+    videos = inputs.videos
+    packed = open_test(cache, videos, width)
+    check_gt_segments(
+        list_dir / spec.gt_segments,
+        inputs.gt_segments,
+        list(videos.videos),
+        packed.lengths,
+        spec.frames_per_snippet,
+    )
+    gt_frames = frame_ground_truth(
+        list(videos.videos),
+        packed.lengths,
+        videos.targets[:, 0] == 1,
+        inputs.annotation,
+        spec.frames_per_snippet,
     )
     if not 0 < gt_frames.sum() < len(gt_frames):
         raise ValueError(
@@ -136,8 +173,7 @@ def load_data(cfg: DataConfig, length: int, width: int) -> DataBundle:
             f"{'none' if gt_frames.sum() == 0 else 'all'} of them; frame AUC/AP need both "
             f"normal and anomalous frames: check the annotation and the test list belong together"
         )
-    test = TestSet(packed_test, test_list, gt_frames, gt_segments, gt_labels)
-    return DataBundle(spec, train, train_list, train_rows, val_rows, test)
+    return TestSet(packed, videos, gt_frames, inputs.gt_segments, inputs.gt_labels)
 
 
 def _check_both_classes(

@@ -182,11 +182,20 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 class Trainer:
     """One run: model, optimisers and data, stepping through epochs with selection."""
 
-    def __init__(self, cfg: ExperimentConfig, bundle: DataBundle | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, bundle: DataBundle | None = None, test: bool = True
+    ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir).expanduser().resolve()
-        self.bundle = bundle or load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
+        # The test split is read only to test once at the end, or to select on under protocol
+        # reference (the official procedure).
+        self.bundle = bundle or load_data(
+            cfg.data,
+            cfg.model.visual_length,
+            cfg.model.visual_width,
+            test=test or cfg.data.protocol == "reference",
+        )
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.model = build_model(cfg, self.bundle.spec, self.device)
         self.steps_per_epoch = len(self._batches(0))
@@ -315,6 +324,7 @@ class Trainer:
 
     def final_test(self) -> dict[str, float]:
         """Load the selected weights and evaluate on the test set once."""
+        assert self.bundle.test is not None, "the data were loaded without the test split"
         if (self.out_dir / BEST).is_file():
             self.model.load_trainable_state_dict(load_checkpoint(self.out_dir / BEST, self.device))
         preds = predict_test(self.model, self.bundle.test, self.device, self.cfg.train.precision)
@@ -326,13 +336,17 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     resume: bool = True,
     bundle: DataBundle | None = None,
+    test: bool = True,
 ) -> FitResult:
     """Train, select the best epoch on the selection metric, evaluate it on the test set once.
 
     With `resume`, a checkpoint in `cfg.train.out_dir` is continued exactly. `on_epoch_end`
     gets each epoch's record and the folder holding its checkpoint; a truthy return stops.
+    Without `test` there is no test pass (a search's trials): `FitResult.test` and result.json
+    hold no test metric, and the test split is not even read unless protocol reference selects
+    on it.
     """
-    trainer = Trainer(cfg, bundle)
+    trainer = Trainer(cfg, bundle, test)
     out = trainer.out_dir
     # Everything is checked before anything in the folder changes: a refused resume leaves the
     # run's files as they were.
@@ -355,26 +369,24 @@ def fit(
             break
     if not trainer.select_key:  # protocol final: the last epoch is the model
         save_atomic(trainer.model.trainable_state_dict(), out / BEST)
-    test = trainer.final_test()
+    scores = trainer.final_test() if test else {}
     result = FitResult(
-        trainer.best_epoch, trainer.best_metric, trainer.select_key, trainer.history, test, out
+        trainer.best_epoch, trainer.best_metric, trainer.select_key, trainer.history, scores, out
     )
-    write_json_atomic(
-        {
-            "best_epoch": result.best_epoch,
-            "best_metric": result.best_metric,
-            "select_metric": result.select_metric,
-            "test": test,
-            "history": trainer.history,
-        },
-        out / RESULT,
-    )
+    summary = {
+        "best_epoch": result.best_epoch,
+        "best_metric": result.best_metric,
+        "select_metric": result.select_metric,
+        **({"test": scores} if test else {}),
+        "history": trainer.history,
+    }
+    write_json_atomic(summary, out / RESULT)
     log.info(
-        "best epoch %d (%s=%.4f); test %s",
+        "best epoch %d (%s=%.4f)%s",
         result.best_epoch,
         result.select_metric,
         result.best_metric,
-        "  ".join(f"{k}={v:.4f}" for k, v in test.items()),
+        "; test " + "  ".join(f"{k}={v:.4f}" for k, v in scores.items()) if test else "",
     )
     return result
 

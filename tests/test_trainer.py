@@ -142,3 +142,21 @@ def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_mini, tmp_p
     last = torch.load(tmp_path / "final" / CHECKPOINT, weights_only=True)["model"]
     assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
     assert not any(k.startswith("val_") for k in result.history[0]) and "ap" in result.test
+
+
+def test_fit_without_test_never_reads_the_test_split(xd_mini, tmp_path):
+    from dsanet.loading import read_test_inputs
+
+    apart = tmp_path / "test-features"  # the test features exist, and cannot be read
+    apart.mkdir()
+    for path in read_test_inputs(_config(xd_mini, tmp_path).data).videos.paths:
+        (apart / path.name).write_bytes(b"not a feature file")
+    cfg = _config(xd_mini, tmp_path / "run", f"data.test_feature_root={apart}", "train.epochs=1")
+    result = fit(cfg, test=False)
+    assert result.test == {} and result.best_epoch == 0
+    saved = json.loads((tmp_path / "run" / RESULT).read_text())
+    assert "test" not in saved and not any(k.startswith("test") for k in saved["history"][0])
+    for path in apart.iterdir():  # and with no test features at all, a test pass is refused
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="test feature file"):
+        fit(cfg)
