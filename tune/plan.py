@@ -30,6 +30,20 @@ JOIN_FIX = (
 )
 
 
+# What selects a trial's epoch, and where test metrics come from, under each data.protocol.
+PROTOCOL_NOTES = {
+    "validation": (
+        "trials select on a held-out split of the training videos and never read the test "
+        "set; only the final stage tests, once per seed"
+    ),
+    "final": "trials keep their last epoch and never read the test set; only the final stage tests",
+    "reference": (
+        "OPTIMISTIC: trials select their epoch on the TEST set, as the official code does; "
+        "results are comparable with the paper only, not an honest estimate"
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated study: what `run_study` does, and what `--dry-run` prints."""
@@ -228,9 +242,13 @@ def _data(spec: SpaceSpec, root: Path, dry_run: bool) -> tuple[ExperimentConfig,
 
 
 def _check_features(spec: SpaceSpec, dry_run: bool) -> None:
-    """Fail on missing features now; outside a dry run, build the shared cache once here."""
+    """Fail on missing features now; outside a dry run, build the shared cache once here.
+
+    The test split's lists and ground truth are checked too, but its features are not read:
+    only the final stage tests.
+    """
     from dsanet.datasets import load_spec
-    from dsanet.loading import load_data, resolve_paths
+    from dsanet.loading import load_data, read_test_inputs, resolve_paths
 
     data = spec.base.data
     if dry_run:
@@ -241,8 +259,9 @@ def _check_features(spec: SpaceSpec, dry_run: bool) -> None:
     for p in spec.params:
         if p.name == "model.visual_length" and p.kind == "categorical":
             lengths |= set(p.choices)
+    read_test_inputs(data)
     for length in sorted(lengths):
-        load_data(data, length, spec.base.model.visual_width)
+        load_data(data, length, spec.base.model.visual_width, test=data.protocol == "reference")
 
 
 def _write_base(root: Path, base: ExperimentConfig) -> None:
@@ -294,6 +313,7 @@ def describe(plan: Plan) -> str:
             ),
             f"  folder      {plan.root} ({'resume' if plan.resume else 'new'})",
             f"  data        {plan.data_note}",
+            f"  protocol    {spec.base.data.protocol}: {PROTOCOL_NOTES[spec.base.data.protocol]}",
             f"  mlflow      {redact_uri(plan.tracking_uri)} (experiment {spec.mlflow.experiment})",
             f"  ray         {plan.address or 'a local Ray on this machine'}",
             f"  final       {plan.final_seeds} seed(s) of the best config (protocol final)",

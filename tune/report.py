@@ -154,17 +154,27 @@ def write_best_trial_artifacts(
     """
     folder = _folder(study_dir, "best")
     cfg = load_config(Path(model_dir) / "config.yaml")
+    shown = model_label(cfg)
     predictions, bundle = _predict(Path(model_dir), cfg)
     fps, test = bundle.spec.frames_per_snippet, bundle.test
     scores = [snippets_to_frames(_sigmoid(det[:, 0]), fps) for det, _ in predictions]  # (F_v,)
-    _plot_videos(scores, test, pick_videos(test.videos.targets[:, 0] == 1, num_videos), folder)
-    metrics = _plot_curves(np.concatenate(scores), test.gt_frames, folder)
+    picked = pick_videos(test.videos.targets[:, 0] == 1, num_videos)
+    _plot_videos(scores, test, picked, folder, shown)
+    metrics = _plot_curves(np.concatenate(scores), test.gt_frames, folder, shown)
     matrix = class_confusion(predictions, test.videos.targets, cfg)
-    metrics["class_acc"] = _plot_confusion(matrix, bundle.spec, folder)
+    metrics["class_acc"] = _plot_confusion(matrix, bundle.spec, folder, shown)
     _compare_with_result(metrics, Path(model_dir))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    described = {"model": shown, "seed": cfg.train.seed, "protocol": cfg.data.protocol}
+    (folder / "metrics.json").write_text(json.dumps({**described, **metrics}, indent=1))
     tracker.log_artifact(PARENT, folder, "best")
     return folder
+
+
+def model_label(cfg: ExperimentConfig) -> str:
+    """Which model a best-model plot shows: a final-stage seed's retrain, or a run's."""
+    if cfg.data.protocol == "final":
+        return f"final-stage retrain, seed {cfg.train.seed}"
+    return f"{cfg.data.protocol}-protocol run, seed {cfg.train.seed}"
 
 
 def pick_videos(normal: np.ndarray, count: int) -> list[int]:
@@ -241,7 +251,9 @@ def _weights(model_dir: Path, device: Any) -> dict[str, Any]:
     )
 
 
-def _plot_videos(scores: Sequence[np.ndarray], test: Any, picked: list[int], folder: Path) -> None:
+def _plot_videos(
+    scores: Sequence[np.ndarray], test: Any, picked: list[int], folder: Path, shown: str
+) -> None:
     """σ(ℓ1) per frame (`scores`, one array per test video) against the frame ground truth."""
     gt = np.split(test.gt_frames, np.cumsum([len(s) for s in scores])[:-1])
     figure = Figure(figsize=(10, 1.2 + 2.0 * len(picked)), layout="constrained")
@@ -264,10 +276,11 @@ def _plot_videos(scores: Sequence[np.ndarray], test: Any, picked: list[int], fol
         ax.set_ylabel("score")
     axes[0].legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("frame")
+    figure.suptitle(f"Test videos: σ(ℓ1) of the {shown}", fontsize=10)
     figure.savefig(folder / "videos.png", dpi=100, bbox_inches="tight")
 
 
-def _plot_curves(scores: np.ndarray, gt: np.ndarray, folder: Path) -> dict[str, float]:
+def _plot_curves(scores: np.ndarray, gt: np.ndarray, folder: Path, shown: str) -> dict[str, float]:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     fpr, tpr, _ = roc_curve(gt, scores)
@@ -283,13 +296,13 @@ def _plot_curves(scores: np.ndarray, gt: np.ndarray, folder: Path) -> dict[str, 
         value = result["frame_auc" if score == "AUC" else "frame_ap"]
         ax.plot(x, y, linewidth=1.5, label=f"{score} = {value:.4f}")
         ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
-        ax.set_title(f"Frame-level {name.upper()} on the test set")
+        ax.set_title(f"Frame-level {name.upper()} on the test set\n{shown}", fontsize=10)
         ax.legend(loc="lower right" if name == "roc" else "lower left")
         figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
     return result
 
 
-def _plot_confusion(matrix: np.ndarray, spec: Any, folder: Path) -> float:
+def _plot_confusion(matrix: np.ndarray, spec: Any, folder: Path, shown: str) -> float:
     classes = [f"{c}: {p[0]}"[:24] for c, p in zip(spec.class_labels, spec.prompts, strict=True)]
     classes = classes[1:]  # the anomaly classes
     total = int(matrix.sum())
@@ -310,7 +323,10 @@ def _plot_confusion(matrix: np.ndarray, spec: Any, folder: Path) -> float:
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted class", ylabel="true class")
-    ax.set_title(f"Video-level classes, anomalous test videos (accuracy {accuracy:.3f})")
+    ax.set_title(
+        f"Video-level classes, anomalous test videos (accuracy {accuracy:.3f})\n{shown}",
+        fontsize=10,
+    )
     figure.savefig(folder / "confusion.png", dpi=100, bbox_inches="tight")
     table = {"classes": list(classes), "matrix": matrix.tolist(), "accuracy": accuracy}
     (folder / "confusion.json").write_text(json.dumps(table, indent=1))

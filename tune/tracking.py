@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from dsanet.config import ConfigError, field_names, flatten
 from tune.mlflow_queue import PARENT, STATE_FILE, RunQueue, TrackingUnavailable, redact
+from tune.plan import PROTOCOL_NOTES
 from tune.searcher import ADOPTED_KEY
 from tune.space import SpaceSpec, trial_config
 
@@ -104,6 +105,7 @@ class MlflowTracker(Callback):
             self._close_running("INTERRUPTED")
             self.open_run(PARENT, "", {}, {})  # reopens it if it was ended
             return self.parent_run_id
+        protocol = self.spec.base.data.protocol
         if self._queue.runs:
             log.warning(
                 "MLflow: new parent run for %s; its earlier runs stay as they are", self.study_dir
@@ -117,6 +119,9 @@ class MlflowTracker(Callback):
                 "dsanet.role": "study",
                 TAG_STAGE: "search",
                 "dsanet.space": self.spec.name,
+                "dsanet.protocol": protocol,
+                "mlflow.note.content": f"Study {self.spec.name}, data.protocol={protocol}: "
+                f"{PROTOCOL_NOTES[protocol]}.",
                 "dsanet.study_dir": str(self.study_dir),
                 **_git_tags(Path(__file__).resolve().parents[1]),
             },

@@ -64,7 +64,7 @@ def run_trial(config: dict[str, Any]) -> None:
     _running.add(threading.current_thread())
     try:
         reporter = _Reporter(out_dir, extras, resumed_at, entered)
-        fit(cfg, reporter, resume=True, bundle=_bundle(cfg))
+        fit(cfg, reporter, resume=True, bundle=_bundle(cfg), test=False)  # test: final stage
     finally:
         shutil.rmtree(out_dir / _STAGE, ignore_errors=True)
         # Ray's checkpoint holds the state now; the full-state copy here is 3x the weights.
@@ -220,11 +220,18 @@ def _join_trials() -> None:
 
 
 def _bundle(cfg: ExperimentConfig) -> Any:
-    """The trial's data: the memory-mapped cache the driver built, opened once per worker."""
+    """The trial's data: the memory-mapped cache the driver built, opened once per worker.
+
+    No test split: trials select on the validation split, and only protocol reference (the
+    official procedure, optimistic by construction) selects on the test set.
+    """
     from dsanet.loading import load_data
 
+    with_test = cfg.data.protocol == "reference"
     key = repr((cfg.data, cfg.model.visual_length, cfg.model.visual_width))
     if key not in _bundles:
         _bundles.clear()
-        _bundles[key] = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
+        _bundles[key] = load_data(
+            cfg.data, cfg.model.visual_length, cfg.model.visual_width, test=with_test
+        )
     return _bundles[key]
