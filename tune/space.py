@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
-from dsanet.config import _PATH_FIELDS, ConfigError, ExperimentConfig, from_dict, load_config
+from dsanet.config import (
+    _PATH_FIELDS,
+    ConfigError,
+    ExperimentConfig,
+    _relative_path,
+    from_dict,
+    is_file,
+    load_config,
+)
+from dsanet.errors import brief
+from dsanet.yamlio import load_yaml_file
 from tune.space_params import Param, distribution, parse_points, parse_search
 from tune.space_settings import (
+    CONCURRENT_LIMIT,
+    FAILURES_LIMIT,
+    TRIALS_LIMIT,
     MlflowSpec,
     ResourcesSpec,
     SchedulerSpec,
@@ -48,6 +60,8 @@ _TOP_KEYS = (
     "name extends base overrides synthetic search metric mode searcher points_to_evaluate "
     "scheduler num_samples max_concurrent max_failures resources mlflow storage_path"
 ).split()
+EXTENDS_LIMIT = 16  # files in one `extends:` chain
+NAME_LIMIT = 100  # characters of a study name (a folder name)
 
 
 @dataclass(frozen=True)
@@ -82,9 +96,9 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = 
     after the file's own `overrides`.
     """
     path = Path(path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not is_file(path, SpaceError):
         path = SPACE_DIR / f"{path}.yaml"
-    if not path.is_file():
+    if not is_file(path, SpaceError):
         shipped = sorted(p.stem for p in SPACE_DIR.glob("*.yaml"))
         raise FileNotFoundError(
             f"search space {path} not found; pass a YAML file or a shipped space {shipped}"
@@ -128,18 +142,23 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise SpaceError(f"{path}: extends: forms a cycle through {[str(p) for p in seen]}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML; fix the syntax where shown:\n{exc}") from exc
+    if len(seen) >= EXTENDS_LIMIT:
+        raise SpaceError(f"{path}: extends: chains more than {EXTENDS_LIMIT} files; merge some")
+    tree = load_yaml_file(path, SpaceError) or {}
     if not isinstance(tree, dict):
         raise SpaceError(f"{path}: top level: must be a mapping (base, search, metric, ...)")
     _anchor(tree, path.parent)
     parent = tree.pop("extends", None)
     if parent is None:
         return _merge({}, tree)
-    parent_path = path.parent / str(parent)
-    if not parent_path.is_file():
+    if not isinstance(parent, str) or not parent or "\x00" in parent:
+        raise SpaceError(f"{path}: extends: {brief(parent)} is not a file path; name the parent")
+    parent_path = path.parent / parent
+    try:
+        found = is_file(parent_path, SpaceError)
+    except SpaceError as exc:
+        raise SpaceError(f"{path}: extends: {exc}") from exc
+    if not found:
         raise SpaceError(f"{path}: extends: {parent_path} not found; give a path from this file")
     return _merge(_read(parent_path, seen + (path,)), tree)
 
@@ -147,7 +166,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _anchor(tree: dict[str, Any], folder: Path) -> None:
     """Make a base path and relative data paths absolute, relative to the file that names them."""
     base = tree.get("base")
-    if isinstance(base, str) and Path(base).suffix and not Path(base).is_absolute():
+    if _relative_path(base) and Path(base).suffix:
         tree["base"] = str((folder / base).resolve())
     inline_data = base.get("data") if isinstance(base, dict) else None
     for mapping, prefix in ((tree.get("overrides"), "data."), (inline_data, "")):
@@ -155,7 +174,7 @@ def _anchor(tree: dict[str, Any], folder: Path) -> None:
             continue
         for key in (prefix + k for k in _PATH_FIELDS):
             value = mapping.get(key)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if _relative_path(value):
                 mapping[key] = str((folder / value).resolve())
 
 
@@ -179,12 +198,18 @@ def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
     params = parse_search(tree.get("search"), base)
     metric, mode = parse_objectives(tree.get("metric", "val_ap"), tree.get("mode"), base)
     points = parse_points(tree.get("points_to_evaluate") or [], params, base)
-    num_samples = as_integer(tree.get("num_samples", 20), "num_samples", minimum=1)
+    num_samples = as_integer(
+        tree.get("num_samples", 20), "num_samples", minimum=1, maximum=TRIALS_LIMIT
+    )
     if num_samples < len(points):
         fail("num_samples", f"{num_samples} is fewer than the {len(points)} points_to_evaluate")
     name = tree.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        fail("name", f"{name!r}: use letters, digits, '.', '_', '-' (it names the study folder)")
+        fail(
+            "name", f"{brief(name)}: use letters, digits, '.', '_', '-' (it names the study folder)"
+        )
+    if len(name) > NAME_LIMIT:
+        fail("name", f"{brief(name)} is longer than {NAME_LIMIT} characters; shorten it")
     return SpaceSpec(
         name=name,
         path=path.resolve(),
@@ -198,8 +223,12 @@ def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
         points_to_evaluate=points,
         scheduler=parse_scheduler(tree.get("scheduler") or {}, base),
         num_samples=num_samples,
-        max_concurrent=as_integer(tree.get("max_concurrent", 1), "max_concurrent", minimum=1),
-        max_failures=as_integer(tree.get("max_failures", 2), "max_failures", minimum=0),
+        max_concurrent=as_integer(
+            tree.get("max_concurrent", 1), "max_concurrent", minimum=1, maximum=CONCURRENT_LIMIT
+        ),
+        max_failures=as_integer(
+            tree.get("max_failures", 2), "max_failures", minimum=0, maximum=FAILURES_LIMIT
+        ),
         resources=parse_resources(tree.get("resources") or {}, base),
         mlflow=parse_mlflow(tree.get("mlflow") or {}, name),
         storage_path=parse_storage_path(tree.get("storage_path", "studies")),

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import optuna
 
 from dsanet.config import ExperimentConfig, flatten
+from dsanet.errors import brief
 from tune.space_values import (
     DEFAULTS,
     apply_overrides,
@@ -30,6 +33,13 @@ _FIXED = {
     "train.out_dir": "the runner gives each trial its own folder",
 }
 _MAX_CHECKED_INTS = 64  # int ranges up to this many values are checked value by value
+# Each listed value costs one config validation (~3 ms): more than this many choices should be a
+# range, and points_to_evaluate are a few known settings, not a grid.
+CHOICES_LIMIT = 100
+POINTS_LIMIT = 100
+# A float step grid of more than a million points is continuous in practice, and the check that
+# the step divides the range (1e-9 of a step, in float64's 16 digits) stays exact up to 1e6 steps.
+GRID_LIMIT = 10**6
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class Param:
 
     def describe(self) -> str:
         if self.kind == "categorical":
-            return str(list(self.choices))
+            return brief(list(self.choices))
         return f"[{self.low}, {self.high}]" + (f" in steps of {self.step}" if self.step else "")
 
 
@@ -94,7 +104,7 @@ def _param_kind(name: str, raw: Mapping[str, Any]) -> str:
     kind = raw.get("type") or ("categorical" if "choices" in raw else natural)
     if kind not in ("float", "int", "categorical"):
         fix = f"{name} holds {held.__name__} values: give choices" if not kind else "fix the type"
-        fail(f"search.{name}.type", f"{kind!r} is not float, int, log or categorical; {fix}")
+        fail(f"search.{name}.type", f"{brief(kind)} is not float, int, log or categorical; {fix}")
     if kind == "float" and held is not float or kind == "int" and held not in (int, float):
         use = natural or "categorical"
         fail(f"search.{name}.type", f"{kind} does not fit {held.__name__} values; use {use}")
@@ -108,10 +118,15 @@ def _categorical(name: str, raw: Mapping[str, Any], base: ExperimentConfig) -> P
         fail(where, f"a categorical parameter takes choices, not {extra}; drop them")
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices:
-        fail(f"{where}.choices", f"{choices!r}: give a non-empty list of values, e.g. [4, 8, 16]")
+        fail(f"{where}.choices", f"{brief(choices)}: give a non-empty list of values, e.g. [4, 8]")
+    if len(choices) > CHOICES_LIMIT:
+        fail(
+            f"{where}.choices",
+            f"{len(choices)} values, more than {CHOICES_LIMIT}; search a range (low, high) instead",
+        )
     typed = tuple(check_value(base, name, c, f"{where}.choices") for c in choices)
     if len(set(map(repr, typed))) != len(typed):
-        fail(f"{where}.choices", f"{choices} repeats a value; list each value once")
+        fail(f"{where}.choices", f"{brief(choices)} repeats a value; list each value once")
     return Param(name, "categorical", choices=typed)
 
 
@@ -125,24 +140,55 @@ def _numeric(name: str, kind: str, raw: Mapping[str, Any], base: ExperimentConfi
         fail(where, f"empty range: low == high == {low}; widen it, or set it under overrides")
     if low > high:
         fail(where, f"inverted range: low {low} > high {high}; swap them")
+    if not math.isfinite(high - low):
+        fail(where, f"range [{low}, {high}] is too wide: high - low overflows a float; narrow it")
     log = raw.get("log", False)
     if not isinstance(log, bool):
-        fail(f"{where}.log", f"{log!r} is not true or false")
+        fail(f"{where}.log", f"{brief(log)} is not true or false")
     if log and low <= 0:
         fail(f"{where}.low", f"a log range needs low > 0 (got {low}); raise low or drop log")
     step = raw.get("step")
     if step is not None:
-        step = as_number(step, f"{where}.step", integer=integer)
-        if step <= 0 or log:
+        if log:
             fail(f"{where}.step", "must be > 0 and cannot be combined with log")
-        if abs((high - low) / step - round((high - low) / step)) > 1e-9:
-            fail(f"{where}.step", f"high - low = {high - low} is not a multiple of {step}")
+        step = _int_step(step, low, high, where) if integer else _float_step(step, low, high, where)
     grid = range(int(low), int(high) + 1, int(step or 1)) if integer else ()
     for value in grid if 0 < len(grid) <= _MAX_CHECKED_INTS else (low, high):
         check_value(base, name, value, where)
     if not integer:
         low, high = float(low), float(high)
     return Param(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _int_step(raw: Any, low: int, high: int, where: str) -> int:
+    step = as_number(raw, f"{where}.step", integer=True)
+    if step <= 0:
+        fail(f"{where}.step", "must be > 0 and cannot be combined with log")
+    if (high - low) % step:
+        fail(f"{where}.step", f"high - low = {high - low} is not a multiple of {step}")
+    return step
+
+
+def _float_step(raw: Any, low: float, high: float, where: str) -> float:
+    step = as_number(raw, f"{where}.step")
+    if step <= 0:
+        fail(f"{where}.step", "must be > 0 and cannot be combined with log")
+    if step < sys.float_info.min:
+        fail(
+            f"{where}.step",
+            f"{step} is below the smallest normal float {sys.float_info.min}; "
+            f"use a larger step, or drop step for a continuous range",
+        )
+    count = (high - low) / step
+    if count > GRID_LIMIT:
+        fail(
+            f"{where}.step",
+            f"{step} cuts [{low}, {high}] into {count:.3g} steps, more than {GRID_LIMIT}; "
+            f"use a larger step, or drop step for a continuous range",
+        )
+    if abs(count - round(count)) > 1e-9:
+        fail(f"{where}.step", f"high - low = {high - low} is not a multiple of {step}")
+    return step
 
 
 def _parse_condition(raw: Any, where: str) -> dict[str, tuple[Any, ...]]:
@@ -152,7 +198,11 @@ def _parse_condition(raw: Any, where: str) -> dict[str, tuple[Any, ...]]:
         fail(
             f"{where}.condition", "must map a parameter to a value or list: {model.use_sgnm: true}"
         )
-    return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in raw.items()}
+    condition = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in raw.items()}
+    for parent, allowed in condition.items():
+        if len(allowed) > CHOICES_LIMIT:
+            fail(f"{where}.condition.{parent}", f"lists more than {CHOICES_LIMIT} values; trim it")
+    return condition
 
 
 def _order(params: list[Param]) -> tuple[Param, ...]:
@@ -164,7 +214,7 @@ def _order(params: list[Param]) -> tuple[Param, ...]:
             if parent not in by_name or parent == p.name:
                 fail(
                     where,
-                    f"tests {parent!r}, which is not another searched parameter; add it "
+                    f"tests {brief(parent)}, which is not another searched parameter; add it "
                     f"to search (e.g. {parent}: [true, false]) or drop the condition. "
                     f"Searched: {sorted(by_name)}",
                 )
@@ -172,7 +222,10 @@ def _order(params: list[Param]) -> tuple[Param, ...]:
                 fail(where, f"{parent} must be categorical to be tested; give it choices")
             never = [v for v in allowed if v not in by_name[parent].choices]
             if never:
-                fail(where, f"{never} is never chosen for {parent}: {by_name[parent].describe()}")
+                fail(
+                    where,
+                    f"{brief(never)} is never chosen for {parent}: {by_name[parent].describe()}",
+                )
     ordered: list[Param] = []
     pending = list(params)
     while pending:  # keep the file's order where conditions allow it
@@ -188,6 +241,8 @@ def _order(params: list[Param]) -> tuple[Param, ...]:
 def parse_points(raw: Any, params: tuple[Param, ...], base: ExperimentConfig) -> list[dict]:
     if not isinstance(raw, list):
         fail("points_to_evaluate", "must be a list of mappings (or the word base)")
+    if len(raw) > POINTS_LIMIT:
+        fail("points_to_evaluate", f"{len(raw)} points, more than {POINTS_LIMIT}; keep a few")
     points = []
     for i, entry in enumerate(raw):
         where = f"points_to_evaluate[{i}]"
@@ -220,7 +275,7 @@ def _check_point(
         if not p.contains(value):
             fail(
                 f"{where}.{p.name}",
-                f"{value!r} lies outside the search space {p.describe()}; "
+                f"{brief(value)} lies outside the search space {p.describe()}; "
                 f"widen search.{p.name} or change the point",
             )
         if not p.active(typed):

@@ -4,19 +4,31 @@ config."""
 
 from __future__ import annotations
 
-import difflib
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import dsanet
 from dsanet.config import ExperimentConfig
-from tune.space_values import as_integer, as_number, fail, settings_block
+from dsanet.errors import brief
+from dsanet.yamlio import load_yaml_file
+from tune.space_values import as_integer, as_number, close_matches, fail, settings_block
 
 SYNTH_PRESETS = Path(dsanet.__file__).parent / "presets" / "synth.yaml"
+# Bounds of the study settings: generous for a real study, and each far below where a typo
+# would make Ray or Optuna loop, allocate or overflow.
+SEED_LIMIT = 2**31 - 1  # numpy seeds lie in [0, 2**32); the searcher adds the trial count
+TRIALS_LIMIT = 100_000  # num_samples, n_startup_trials
+CONCURRENT_LIMIT = 10_000
+FAILURES_LIMIT = 100  # retries of one trial
+OBJECTIVES_LIMIT = 8
+RUNGS_LIMIT = 100  # ASHA rungs between grace_period and max_t
+CPU_LIMIT, GPU_LIMIT = 1024, 64  # per trial
+RESOURCE_MIN = 0.01  # Ray counts resources in steps of 1e-4; a 1/100 share is the finest useful
+NAME_LIMIT = 200  # characters of an MLflow experiment name
 
 
 @dataclass(frozen=True)
@@ -72,15 +84,17 @@ def parse_objectives(metric: Any, mode: Any, base: ExperimentConfig) -> tuple[tu
     metrics = [metric] if isinstance(metric, str) else metric
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         fail("metric", "must be a metric name or a non-empty list of them")
+    if len(metrics) > OBJECTIVES_LIMIT:
+        fail("metric", f"{len(metrics)} objectives, more than {OBJECTIVES_LIMIT}; keep fewer")
     if len(set(metrics)) != len(metrics):
-        fail("metric", f"{metrics} repeats a metric; list each once")
+        fail("metric", f"{brief(metrics)} repeats a metric; list each once")
     known = reportable_metrics(base)
     for m in (m for m in metrics if m not in known and not m.startswith("loss_")):
-        close = difflib.get_close_matches(m, known, n=1)
+        close = close_matches(m, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         fail(
             "metric",
-            f"the trainer never reports {m!r} under data.protocol "
+            f"the trainer never reports {brief(m)} under data.protocol "
             f"{base.data.protocol!r}; {hint}it reports {list(known)} and loss_* terms",
         )
     if mode is None:
@@ -89,12 +103,12 @@ def parse_objectives(metric: Any, mode: Any, base: ExperimentConfig) -> tuple[tu
     if not isinstance(modes, list) or len(modes) != len(metrics):
         fail(
             "mode",
-            f"{len(metrics)} metric(s) {metrics} but mode {mode!r}; give one mode "
+            f"{len(metrics)} metric(s) {metrics} but mode {brief(mode)}; give one mode "
             f"(max or min) per metric, in the same order",
         )
     for m, d in zip(metrics, modes, strict=True):
         if d not in ("max", "min") or (m.startswith("loss_") and d == "max"):
-            fail("mode", f"{d!r} for {m}: use max or min (min for a loss)")
+            fail("mode", f"{brief(d)} for {m}: use max or min (min for a loss)")
     return tuple(metrics), tuple(modes)
 
 
@@ -102,9 +116,14 @@ def parse_searcher(raw: Any) -> SearcherSpec:
     block = settings_block(raw, "searcher", ("kind", "seed", "n_startup_trials"))
     kind = block.get("kind", "tpe")
     if kind not in ("tpe", "random"):
-        fail("searcher.kind", f"unknown searcher {kind!r}; use tpe (Optuna TPE) or random")
-    seed = as_integer(block.get("seed", 0), "searcher.seed")
-    startup = as_integer(block.get("n_startup_trials", 10), "searcher.n_startup_trials", minimum=0)
+        fail("searcher.kind", f"unknown searcher {brief(kind)}; use tpe (Optuna TPE) or random")
+    seed = as_integer(block.get("seed", 0), "searcher.seed", minimum=0, maximum=SEED_LIMIT)
+    startup = as_integer(
+        block.get("n_startup_trials", 10),
+        "searcher.n_startup_trials",
+        minimum=0,
+        maximum=TRIALS_LIMIT,
+    )
     return SearcherSpec(kind, seed, startup)
 
 
@@ -112,7 +131,7 @@ def parse_scheduler(raw: Any, base: ExperimentConfig) -> SchedulerSpec:
     block = settings_block(raw, "scheduler", ("kind", "max_t", "grace_period", "reduction_factor"))
     kind, epochs = block.get("kind", "asha"), base.train.epochs
     if kind not in ("asha", "none"):
-        fail("scheduler.kind", f"unknown scheduler {kind!r}; use asha or none")
+        fail("scheduler.kind", f"unknown scheduler {brief(kind)}; use asha or none")
     if kind == "none":
         if set(block) != {"kind"}:
             fail("scheduler", f"kind none takes no {sorted(set(block) - {'kind'})}; drop them")
@@ -130,6 +149,13 @@ def parse_scheduler(raw: Any, base: ExperimentConfig) -> SchedulerSpec:
     factor = as_number(block.get("reduction_factor", 3), "scheduler.reduction_factor")
     if factor <= 1:
         fail("scheduler.reduction_factor", f"{factor} must be > 1 (e.g. 2 or 3)")
+    rungs = math.log(max_t / grace) / math.log(factor)
+    if rungs > RUNGS_LIMIT:
+        fail(
+            "scheduler.reduction_factor",
+            f"{factor} puts {rungs:.3g} ASHA rungs between grace_period {grace} and max_t "
+            f"{max_t}, more than {RUNGS_LIMIT}; use e.g. 2 or 3",
+        )
     return SchedulerSpec("asha", max_t, grace, float(factor))
 
 
@@ -139,6 +165,10 @@ def parse_resources(raw: Any, base: ExperimentConfig) -> ResourcesSpec:
     gpu = as_number(block.get("gpu", 0), "resources.gpu")
     if cpu <= 0 or gpu < 0:
         fail("resources", f"cpu {cpu} and gpu {gpu} per trial: cpu must be > 0, gpu >= 0")
+    if not RESOURCE_MIN <= cpu <= CPU_LIMIT:
+        fail("resources.cpu", f"{cpu} per trial: use a share in [{RESOURCE_MIN}, {CPU_LIMIT}]")
+    if gpu and not RESOURCE_MIN <= gpu <= GPU_LIMIT:
+        fail("resources.gpu", f"{gpu} per trial: use 0 or a share in [{RESOURCE_MIN}, {GPU_LIMIT}]")
     if gpu > 1 and not float(gpu).is_integer():
         fail("resources.gpu", f"{gpu}: above 1 a trial takes whole GPUs; use e.g. 1 or 2")
     device = base.train.device
@@ -156,20 +186,27 @@ def parse_mlflow(raw: Any, name: str) -> MlflowSpec:
     uri, experiment = block.get("tracking_uri", ""), block.get("experiment", name)
     if not isinstance(uri, str) or not isinstance(experiment, str) or not experiment:
         fail("mlflow", "tracking_uri and experiment must be strings, experiment non-empty")
+    if len(experiment) > NAME_LIMIT or not experiment.isprintable():
+        fail(
+            "mlflow.experiment",
+            f"{brief(experiment)}: use at most {NAME_LIMIT} printable characters",
+        )
+    if "\x00" in uri:
+        fail("mlflow.tracking_uri", f"{brief(uri)} holds a NUL character; fix the URI")
     # MLflow 3.17 refuses the plain file store (STACK-NOTES): only URIs with a scheme.
     if uri and (uri.startswith("file:") or not re.match(r"[A-Za-z][\w+.-]*:", uri)):
         fail(
             "mlflow.tracking_uri",
-            f"{uri!r}: use sqlite:///ABSOLUTE/path.db, http://host:port, "
+            f"{brief(uri)}: use sqlite:///ABSOLUTE/path.db, http://host:port, "
             f"or leave it empty (sqlite in the study folder)",
         )
     return MlflowSpec(uri, experiment)
 
 
 def parse_storage_path(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        fail("storage_path", f"{raw!r} must be a folder path, e.g. studies")
-    path = Path(raw).expanduser()
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        fail("storage_path", f"{brief(raw)} must be a folder path, e.g. studies")
+    path = Path(os.path.expanduser(raw))  # "~nosuchuser" stays as written
     return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
 
 
@@ -177,12 +214,12 @@ def parse_synthetic(raw: Any, base: ExperimentConfig) -> SyntheticSpec | None:
     if raw is None:
         return None
     block = settings_block(raw, "synthetic", ("preset", "seed"))
-    presets = (yaml.safe_load(SYNTH_PRESETS.read_text()) or {}).get("presets", {})
+    presets = (load_yaml_file(SYNTH_PRESETS) or {}).get("presets", {})
     preset = block.get("preset")
-    if preset not in presets:
+    if not isinstance(preset, str) or preset not in presets:
         fail(
             "synthetic.preset",
-            f"{preset!r} is not a preset of {SYNTH_PRESETS}; use one of {sorted(presets)}",
+            f"{brief(preset)} is not a preset of {SYNTH_PRESETS}; use one of {sorted(presets)}",
         )
     dataset = presets[preset].get("dataset")
     if dataset != base.data.dataset:
@@ -191,4 +228,5 @@ def parse_synthetic(raw: Any, base: ExperimentConfig) -> SyntheticSpec | None:
             f"{preset} generates {dataset!r} data but the base config has "
             f"data.dataset {base.data.dataset!r}; make them agree",
         )
-    return SyntheticSpec(preset, as_integer(block.get("seed", 0), "synthetic.seed"))
+    seed = as_integer(block.get("seed", 0), "synthetic.seed", minimum=0, maximum=SEED_LIMIT)
+    return SyntheticSpec(preset, seed)

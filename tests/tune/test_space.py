@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +359,218 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         {"synthetic": {"preset": "ucf-mini"}},
         r"synthetic\.preset: ucf-mini generates 'ucf' data",
     ),
+    # numbers: finite, of sane size, never booleans; steps normal and coarse enough
+    (
+        "huge-int-range",
+        with_search(model__num_prototypes={"type": "int", "low": 1, "high": 10**23}),
+        r"search\.model\.num_prototypes\.high: 100000000000000000000000 is out of range; "
+        r"integers here lie within ±2147483647",
+    ),
+    (
+        "int-of-400-digits-for-a-float",
+        with_search(loss__w_align={"low": 0.1, "high": 10**400}),
+        r"search\.loss\.w_align\.high: .* is not a finite number \(too large for a float\)",
+    ),
+    (
+        "denormal-step",
+        with_search(loss__label_smoothing={"low": 0.0, "high": 1e-323, "step": 5e-324}),
+        r"search\.loss\.label_smoothing\.step: 5e-324 is below the smallest normal float",
+    ),
+    (
+        "denormal-step-over-a-wide-range",
+        with_search(loss__label_smoothing={"low": 0.0, "high": 0.2, "step": 5e-324}),
+        r"search\.loss\.label_smoothing\.step: 5e-324 is below the smallest normal float",
+    ),
+    (
+        "step-grid-too-fine",
+        with_search(loss__label_smoothing={"low": 0.0, "high": 0.2, "step": 1e-12}),
+        r"label_smoothing\.step: 1e-12 cuts \[0\.0, 0\.2\] into 2e\+11 steps, more than 1000000; "
+        r"use a larger step, or drop step",
+    ),
+    (
+        "range-overflows",
+        with_search(loss__w_align={"low": -1e308, "high": 1e308}),
+        r"search\.loss\.w_align: range \[-1e\+308, 1e\+308\] is too wide",
+    ),
+    (
+        "nan-bound",
+        with_search(optim__lr={"low": float("nan"), "high": 1e-3}),
+        r"search\.optim\.lr\.low: nan is not a finite number",
+    ),
+    (
+        "inf-bound",
+        with_search(optim__lr={"low": 1e-5, "high": float("inf")}),
+        r"search\.optim\.lr\.high: inf is not a finite number",
+    ),
+    (
+        "bool-bound",
+        with_search(model__decoder_depth={"type": "int", "low": True, "high": 6}),
+        r"search\.model\.decoder_depth\.low: True is not a number",
+    ),
+    (
+        "list-bound",
+        with_search(optim__lr={"low": [1e-5], "high": 1e-3}),
+        r"search\.optim\.lr\.low: \[1e-05\] is not a number",
+    ),
+    (
+        "bool-step",
+        with_search(model__decoder_depth={"type": "int", "low": 2, "high": 6, "step": True}),
+        r"search\.model\.decoder_depth\.step: True is not a number",
+    ),
+    (
+        "word-step",
+        with_search(loss__label_smoothing={"low": 0.0, "high": 0.2, "step": "two"}),
+        r"search\.loss\.label_smoothing\.step: 'two' is not a number",
+    ),
+    (
+        "zero-step",
+        with_search(model__decoder_depth={"type": "int", "low": 2, "high": 6, "step": 0}),
+        r"search\.model\.decoder_depth\.step: must be > 0",
+    ),
+    (
+        "huge-int-step",
+        with_search(model__decoder_depth={"type": "int", "low": 2, "high": 6, "step": 2**40}),
+        r"search\.model\.decoder_depth\.step: 1099511627776 is out of range",
+    ),
+    (
+        "fractional-int-step",
+        with_search(model__decoder_depth={"type": "int", "low": 2, "high": 6, "step": 0.5}),
+        r"search\.model\.decoder_depth\.step: 0\.5 is not an integer",
+    ),
+    (
+        "int-log-flag-not-bool",
+        with_search(optim__lr={"low": 1e-5, "high": 1e-3, "log": "yes"}),
+        r"search\.optim\.lr\.log: 'yes' is not true or false",
+    ),
+    (
+        "too-many-choices",
+        with_search(model__num_prototypes=list(range(1, 200))),
+        r"search\.model\.num_prototypes\.choices: 199 values, more than 100; search a range",
+    ),
+    (
+        "nested-choice",
+        with_search(model__num_prototypes=[[4], 8]),
+        r"search\.model\.num_prototypes\.choices: \[4\] is rejected by the config",
+    ),
+    (
+        "condition-too-long",
+        with_search(
+            model__num_prototypes={"choices": [4], "condition": {"model.use_sgnm": [True] * 101}}
+        ),
+        r"search\.model\.num_prototypes\.condition\.model\.use_sgnm: lists more than 100",
+    ),
+    (
+        "non-string-parameter",
+        {"search": {1: [1, 2]}},
+        r"search\.1: 1 is not an ExperimentConfig field",
+    ),
+    ("huge-num-samples", {"num_samples": 10**9}, r"num_samples: 1000000000 must be <= 100000"),
+    ("astronomic-num-samples", {"num_samples": 10**30}, r"num_samples: .* is out of range"),
+    ("bool-num-samples", {"num_samples": True}, r"num_samples: True is not a number"),
+    ("float-num-samples", {"num_samples": 1e300}, r"num_samples: .* is out of range"),
+    ("huge-max-concurrent", {"max_concurrent": 10**6}, r"max_concurrent: 1000000 must be <="),
+    ("huge-max-failures", {"max_failures": 10**6}, r"max_failures: 1000000 must be <= 100"),
+    (
+        "negative-searcher-seed",
+        {"searcher": {"seed": -1}},
+        r"searcher\.seed: -1 must be >= 0",
+    ),
+    (
+        "huge-searcher-seed",
+        {"searcher": {"seed": 2**40}},
+        r"searcher\.seed: 1099511627776 is out of range",
+    ),
+    (
+        "huge-startup-trials",
+        {"searcher": {"n_startup_trials": 10**7}},
+        r"searcher\.n_startup_trials: 10000000 must be <= 100000",
+    ),
+    (
+        "reduction-factor-barely-above-1",
+        {"scheduler": {"reduction_factor": 1.0000001}},
+        r"scheduler\.reduction_factor: 1\.0000001 puts 1\.39e\+07 ASHA rungs between "
+        r"grace_period 1 and max_t 4, more than 100",
+    ),
+    (
+        "reduction-factor-inf",
+        {"scheduler": {"reduction_factor": float("inf")}},
+        r"scheduler\.reduction_factor: inf is not a finite number",
+    ),
+    (
+        "huge-max-t",
+        {"scheduler": {"max_t": 10**20}},
+        r"scheduler\.max_t: 100000000000000000000 is out of range",
+    ),
+    (
+        "huge-cpu",
+        {"resources": {"cpu": 10**6}},
+        r"resources\.cpu: 1000000 per trial: use a share in \[0\.01, 1024\]",
+    ),
+    ("tiny-cpu", {"resources": {"cpu": 1e-300}}, r"resources\.cpu: 1e-300 per trial"),
+    (
+        "denormal-gpu",
+        {"resources": {"cpu": 1, "gpu": 5e-324}},
+        r"resources\.gpu: 5e-324 per trial: use 0 or a share in \[0\.01, 64\]",
+    ),
+    ("bool-gpu", {"resources": {"gpu": False}}, r"resources\.gpu: False is not a number"),
+    (
+        "too-many-points",
+        {"num_samples": 200, "points_to_evaluate": ["base"] * 101},
+        r"points_to_evaluate: 101 points, more than 100",
+    ),
+    (
+        "point-of-400-digits",
+        {"points_to_evaluate": [{"optim.lr": 10**400}]},
+        r"points_to_evaluate\[0\]\.optim\.lr: .* is rejected by the config \(.*finite number",
+    ),
+    (
+        "too-many-objectives",
+        {"metric": [f"loss_{i}" for i in range(9)], "mode": None},
+        r"metric: 9 objectives, more than 8",
+    ),
+    ("long-name", {"name": "a" * 150}, r"name: 'a+\.\.\.a+' is longer than 100 characters"),
+    (
+        "synthetic-preset-not-a-word",
+        {"synthetic": {"preset": ["xd-mini"]}},
+        r"synthetic\.preset: \['xd-mini'\] is not a preset",
+    ),
+    (
+        "negative-synthetic-seed",
+        {"synthetic": {"preset": "xd-mini", "seed": -3}},
+        r"synthetic\.seed: -3 must be >= 0",
+    ),
+    ("nul-in-storage-path", {"storage_path": "a\x00b"}, r"storage_path: 'a\\x00b' must be a"),
+    (
+        "long-experiment-name",
+        {"mlflow": {"experiment": "e" * 300}},
+        r"mlflow\.experiment: 'e+\.\.\.e+': use at most 200 printable characters",
+    ),
+    (
+        "extends-not-a-path",
+        {"extends": ["parent.yaml"]},
+        r"extends: \['parent\.yaml'\] is not a file path",
+    ),
+    (
+        "extends-name-too-long",
+        {"extends": "p" * 300 + ".yaml"},
+        r"extends: .*not a usable path \(File name too long\)",
+    ),
+    (
+        "override-huge-int",
+        {"overrides": {"model.num_prototypes": 10**23}},
+        r"overrides\.model\.num_prototypes: .*is not an integer within",
+    ),
+    (
+        "override-non-string-key",
+        {"overrides": {1: 2}},
+        r"overrides\.1: .*unknown field 1; did you mean",
+    ),
+    ("base-with-nul", {"base": "demo\x00.yaml"}, r"base: config path .* holds a NUL character"),
+    (
+        "base-name-too-long",
+        {"base": "b" * 300},
+        r"base: 'b+\.\.\.b+': not a usable path \(File name too long\)",
+    ),
 ]
 
 
@@ -382,13 +595,86 @@ def test_good_space_loads(tmp_path: Path):
 def test_yaml_syntax_error(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("base: demo\nsearch: {optim.lr: [1, 2\n")
-    with pytest.raises(SpaceError, match=r"broken\.yaml: not valid YAML; fix the syntax"):
+    with pytest.raises(SpaceError, match=r"broken\.yaml: not valid YAML; fix the syntax at line"):
         load_space(path)
+
+
+ALIAS_BOMB = "base: demo\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+BAD_YAML = {
+    "alias-bomb": (ALIAS_BOMB, r"line 2, column 4: YAML anchors and aliases .*write the value"),
+    "alias": (
+        "base: demo\nsearch:\n  optim.lr: &r {low: 1.0e-5, high: 1.0e-3}\n  optim.gamma: *r\n",
+        r"line 3, column 13: YAML anchors and aliases",
+    ),
+    "duplicate-top-level-key": (
+        "base: demo\nnum_samples: 4\nnum_samples: 40\n",
+        r"line 3, column 1: key 'num_samples' is given twice \(first at line 2\); keep one",
+    ),
+    "duplicate-parameter": (
+        "base: demo\nsearch:\n  optim.lr: {low: 1.0e-5, high: 1.0e-3}\n  optim.lr: [1.0e-4]\n",
+        r"line 4, column 3: key 'optim\.lr' is given twice \(first at line 3\)",
+    ),
+    "non-utf8-byte": (
+        b"base: demo\nname: caf\xe9\n",
+        r"not UTF-8 text: byte 0xe9 at line 2 \(byte offset 20\) .*save the file as UTF-8",
+    ),
+    "oversize": ("base: demo\n#" + "x" * (1 << 20), r"larger than the 1024 KiB"),
+    "deep-nesting": ("base: demo\nsearch: " + "[" * 50 + "]" * 50, r"nested more than 32"),
+    "python-tag": ("base: !!python/object/apply:os.system [ls]\n", r"could not determine a con"),
+    "bad-date": ("base: demo\nname: 2024-02-30\n", r"line 2, column 7: cannot read '2024-02-30'"),
+    "multiple-documents": ("base: demo\n---\nbase: xd\n", r"but found another document"),
+    "control-character": ("base: demo\nname: a\x1bb\n", r"unacceptable character #x001b"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_YAML))
+def test_bad_yaml_gets_one_short_error(tmp_path: Path, case: str):
+    text, match = BAD_YAML[case]
+    path = tmp_path / "space.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    start = time.monotonic()
+    with pytest.raises(SpaceError, match=match) as info:
+        load_space(path)
+    assert time.monotonic() - start < 2
+    assert str(info.value).startswith(f"{path}: ") and len(str(info.value).splitlines()) == 1
+
+
+def test_bad_yaml_in_a_parent_names_the_parent(tmp_path: Path):
+    (tmp_path / "parent.yaml").write_text("base: demo\nbase: xd\n")
+    child = write(tmp_path, {"extends": "parent.yaml", "search": SEARCH}, "child.yaml")
+    with pytest.raises(SpaceError, match=r"parent\.yaml: line 2, column 1: key 'base' is given"):
+        load_space(child)
+
+
+def test_huge_values_are_quoted_briefly(tmp_path: Path):
+    cases = [
+        with_search(model__attn_window=["x" * 100_000]),
+        with_search(**{"x" * 100_000: [1, 2]}),
+        {"metric": "val_" + "y" * 100_000},
+        {"serach" + "z" * 100_000: 1},
+        {"overrides": {"train.device": "w" * 100_000}},
+    ]
+    for update in cases:
+        path = write(tmp_path, {**copy.deepcopy(GOOD), **update})
+        with pytest.raises(SpaceError) as info:
+            load_space(path)
+        assert len(str(info.value)) < 2000, str(info.value)[:300]
+
+
+def test_fine_float_grid_within_the_limit_loads(tmp_path: Path):
+    search = {"loss.label_smoothing": {"low": 0.0, "high": 0.5, "step": 1e-6}}
+    spec = load_space(write(tmp_path, {**GOOD, "search": search}))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    assert 0.0 <= sample(trial, spec)["loss.label_smoothing"] <= 0.5
 
 
 def test_missing_space_file_lists_the_shipped_ones(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"shipped space \[.*'demo'"):
         load_space(tmp_path / "nope.yaml")
+    with pytest.raises(SpaceError, match=r"not a usable path \(File name too long\)"):
+        load_space("s" * 300)
 
 
 def test_shorthands_and_inline_base(tmp_path: Path):
