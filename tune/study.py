@@ -9,11 +9,13 @@ and, by default, MLflow's database. `--resume` continues it after any interrupti
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,20 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) ->
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
     reporter = _progress_reporter(spec)
     callbacks = [SlimFinishedCheckpoints(), tracker]  # slimming first: the tracker links to it
-    if plan.resume and _restorable(plan.ray_dir):
+    restorable = plan.resume and _restorable(plan.ray_dir)
+    if restorable and not _started_here(plan.root):
+        restorable = False
+        aside = plan.ray_dir.with_name(f"{RAY_DIR}.not-loaded-{int(time.time())}")
+        plan.ray_dir.rename(aside)
+        print(
+            f"warning: {plan.ray_dir} was not written by a driver of this user on this machine; "
+            f"Ray's state is pickled, and loading it could run code, so it was moved to "
+            f"{aside.name} unread. The study continues from its Optuna record: trials that were "
+            f"running start again",
+            file=sys.stderr,
+        )
+    _mark_started_here(plan.root)
+    if restorable:
         # Errored trials were told FAIL to Optuna after Ray's retries: they stay errored.
         tuner = tune.Tuner.restore(
             str(plan.ray_dir), trainable, resume_unfinished=True, param_space=param_space
@@ -207,6 +222,33 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) ->
             ),
         )
     tuner.fit()
+
+
+def _started_here(root: Path) -> bool:
+    """Whether this user's driver on this machine ran the study in `root` (see `_ownership`)."""
+    return _ownership(root).is_file()
+
+
+def _mark_started_here(root: Path) -> None:
+    record = _ownership(root)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{root.resolve()}\n")
+    except OSError as exc:  # a read-only home: the study runs; a later --resume starts Ray anew
+        log.warning("could not record the study in %s (%s)", record, exc.strerror)
+
+
+def _ownership(root: Path) -> Path:
+    """A record outside the study folder, in this user's state folder, of a study it ran.
+
+    Tuner.restore unpickles Ray's experiment state, and a pickle runs whatever code it names. A
+    study folder may come from someone else (copied, shared), so Ray's state is loaded only from
+    a folder that a driver of this user started at this path; a record inside the folder would
+    travel with it.
+    """
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+    return state / "dsanet" / "studies" / digest
 
 
 def _restorable(ray_dir: Path) -> bool:

@@ -381,3 +381,43 @@ def _report_times(root: Path, trial) -> list:
 
     lines = reports(root, trial.user_attrs.get("ray_trial_id", ""))
     return [datetime.fromtimestamp(line["time"]) for line in lines] or [datetime.min]
+
+
+# ---------------------------------------------------------------------- a folder from elsewhere
+
+
+class _Payload:
+    """Unpickling it creates a file: what a hostile pickle in a shared folder could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.slow
+def test_ray_state_of_a_study_from_elsewhere_is_never_unpickled(
+    tmp_path, xd_small, local_ray, monkeypatch, capsys
+):
+    import pickle
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "author-state"))
+    space = write_space(tmp_path, xd_small, num_samples=1, points_to_evaluate=[])
+    assert run(space) == 0
+    root = tmp_path / "studies" / "t"
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    pickle.loads(payload)  # the payload is live
+    assert marker.exists()
+    marker.unlink()
+    (root / "ray" / "tuner.pkl").write_bytes(payload)
+    capsys.readouterr()
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "colleague-state"))
+    assert run(space, "--resume") == 0  # the study was complete: nothing left to run
+    assert not marker.exists()
+    assert "was not written by a driver of this user on this machine" in capsys.readouterr().err
+    (aside,) = root.glob("ray.not-loaded-*")
+    assert (aside / "tuner.pkl").read_bytes() == payload  # kept, unread
+    assert len(study_trials(root)) == 1
