@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from dsanet.errors import brief
 from tune.links import link_atomic
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RunQueue:
         self._artifact_uris: dict[str, str] = {}  # run id -> its artifact URI
         self.last_warning = 0.0
         check_reachable(self.client, self.uri, space)
-        self.state = _load_state(self.path)
+        self.state = load_state(self.path)
 
     @property
     def runs(self) -> dict[str, dict[str, Any]]:
@@ -278,16 +279,25 @@ def redact(text: str) -> str:
     return re.sub(r"(\w+://)[^/@\s'\"]+@", r"\1***@", text)
 
 
-def _load_state(path: Path) -> dict[str, Any]:
+def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"experiment_id": "", "runs": {}, "pending": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("experiment_id"), str)
+            and isinstance(state.get("runs"), dict)
+            and isinstance(state.get("pending"), list)
+            and all(isinstance(r, dict) for r in state["runs"].values())
+        ):
+            raise ValueError("not the queue's state")
+    except ValueError as exc:  # JSON, UTF-8 or shape
         raise ValueError(
-            f"{path} is not valid JSON ({exc}); delete it to start the MLflow record of this "
-            f"study afresh"
+            f"{path} is damaged ({brief(str(exc))}); delete it to start the MLflow record of "
+            f"this study afresh"
         ) from exc
+    return state
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict
+from dsanet.errors import brief
 from dsanet.yamlio import load_yaml_file
 from tune.space import SpaceSpec, load_space
 
@@ -166,6 +167,15 @@ def _check_stores(root: Path, spec: SpaceSpec) -> None:
     uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
     if uri.startswith("sqlite:///"):
         stores[Path(uri.removeprefix("sqlite:///")).expanduser()] = "the MLflow tracking store"
+    from tune.mlflow_queue import STATE_FILE as QUEUE_FILE
+    from tune.mlflow_queue import load_state
+    from tune.scheduler import STATE_FILE as RUNGS_FILE
+    from tune.scheduler import read_saved_rungs
+
+    if (root / RUNGS_FILE).exists():
+        read_saved_rungs(root / RUNGS_FILE)
+    if (root / QUEUE_FILE).exists():
+        load_state(root / QUEUE_FILE)
     for path, what in stores.items():
         if not path.exists():
             continue
@@ -226,10 +236,16 @@ def _data(spec: SpaceSpec, root: Path, dry_run: bool) -> tuple[ExperimentConfig,
     preset, seed, out = spec.synthetic.preset, spec.synthetic.seed, root / DATA_DIR
     marker = out / synth.MARKER
     if marker.is_file():
-        made = json.loads(marker.read_text())
-        if (made.get("preset"), made.get("seed")) != (preset, seed):
+        try:
+            made = json.loads(marker.read_text(encoding="utf-8"))
+            found = (made.get("preset"), made.get("seed"))
+        except (ValueError, AttributeError) as exc:  # JSON, UTF-8, or not an object
             raise ValueError(
-                f"{out} holds synthetic {made.get('preset')} seed {made.get('seed')}, but the "
+                f"{marker} is damaged; delete {out} to generate the synthetic data again"
+            ) from exc
+        if found != (preset, seed):
+            raise ValueError(
+                f"{out} holds synthetic {brief(found[0])} seed {brief(found[1])}, but the "
                 f"space asks for {preset} seed {seed}; use another --storage-path"
             )
     elif not dry_run:  # generate() writes a temporary tree and renames it when complete

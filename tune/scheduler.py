@@ -16,12 +16,14 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from dsanet.errors import brief
 from tune.searcher import STEP_KEY
 from tune.space import SchedulerSpec, SpaceSpec
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "asha_state.json"
+_KEYS = ("time_attr", "metric", "mode", "max_t")  # settings the saved rungs belong to
 
 
 class PersistentASHA(AsyncHyperBandScheduler):
@@ -107,28 +109,44 @@ class PersistentASHA(AsyncHyperBandScheduler):
     def _load(self) -> None:
         if not self._state_file.is_file():
             return
-        saved = json.loads(self._state_file.read_text())
+        settings, recorded, pruned = read_saved_rungs(self._state_file)
         current = self._state()
-        milestones = [r["milestone"] for r in saved["rungs"]]
+        milestones = settings["milestones"]
         if [r["milestone"] for r in current["rungs"]] != milestones or any(
-            saved[k] != current[k] for k in ("time_attr", "metric", "mode", "max_t")
+            settings[k] != current[k] for k in _KEYS
         ):
             raise ValueError(
                 f"{self._state_file} was written by an ASHA with rungs at {milestones} epochs "
-                f"on {saved['metric']} ({saved['mode']}); the space now gives "
+                f"on {brief(settings['metric'])} ({brief(settings['mode'])}); the space now gives "
                 f"{[r['milestone'] for r in current['rungs']]} on {current['metric']}: resume "
                 f"with the study's original scheduler settings or use another --storage-path"
             )
-        for (_, recorded), rung in zip(self._bracket._rungs, saved["rungs"], strict=True):
-            recorded.update(rung["recorded"])
-        self._pruned = set(saved["pruned"])
+        for (_, records), rung in zip(self._bracket._rungs, recorded, strict=True):
+            records.update(rung)
+        self._pruned = pruned
         log.info(
             "ASHA state restored from %s: %s trial records in %d rungs, %d pruned",
             self._state_file,
-            sum(len(r["recorded"]) for r in saved["rungs"]),
-            len(saved["rungs"]),
+            sum(len(r) for r in recorded),
+            len(recorded),
             len(self._pruned),
         )
+
+
+def read_saved_rungs(path: Path) -> tuple[dict[str, Any], list[dict], set[str]]:
+    """The settings, rung records and pruned trial ids of a saved `asha_state.json`."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        settings = {k: saved[k] for k in _KEYS}
+        settings["milestones"] = [r["milestone"] for r in saved["rungs"]]
+        recorded = [dict(r["recorded"]) for r in saved["rungs"]]
+        pruned = {str(t) for t in saved["pruned"]}
+    except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 or shape
+        raise ValueError(
+            f"{path} is damaged ({brief(str(exc))}); delete it to resume with empty rungs (the "
+            f"trials' records in Optuna are kept)"
+        ) from exc
+    return settings, recorded, pruned
 
 
 def build_scheduler(spec: SpaceSpec, study_dir: Path) -> TrialScheduler:

@@ -116,3 +116,29 @@ def test_a_broken_base_config_in_the_study_folder(tmp_path, xd_small, capsys, te
     status = run(space, "--resume")
     one_error(capsys, status, str(root / "base.yaml"), needle)
     assert (root / "base.yaml").read_text() == text
+
+
+DAMAGED = {
+    "asha_state.json": b'{"rungs": [{"milestone": 1}], "pruned": 3}',
+    "mlflow_state.json": b"\xff\xfe not json",
+    "data/synth.json": b"[1, 2]",
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_a_damaged_state_file_of_the_study(tmp_path, xd_small, capsys, name):
+    space = write_space(tmp_path, xd_small)
+    if name.startswith("data/"):
+        import yaml
+
+        tree = yaml.safe_load(space.read_text())
+        tree["synthetic"] = {"preset": "xd-mini", "seed": 0}
+        space.write_text(yaml.safe_dump(tree, sort_keys=False))
+    root = tmp_path / "studies" / "t"
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(DAMAGED[name])
+    (root / "base.yaml").write_text("{}\n")
+    before = files_of(root)
+    status = run(space, "--resume", "--dry-run")
+    one_error(capsys, status, str(root / name), "delete")
+    assert files_of(root) == before
