@@ -27,7 +27,8 @@ from tune.summary import short_names, summarize, where
 
 log = logging.getLogger(__name__)
 
-_ERRORS = (SpaceError, ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError)
+# OSError: a file or folder the system refuses (permissions, a folder where a file belongs).
+_ERRORS = (SpaceError, ConfigError, ValueError, KeyError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
