@@ -159,10 +159,10 @@ def _parse(text: str, source: str, error: type[Exception]) -> Any:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise error(f"{source}: {describe(exc, text)}") from exc
+        raise error(f"{source}: {_describe(exc, text)}") from exc
 
 
-def describe(exc: yaml.YAMLError, text: str) -> str:
+def _describe(exc: yaml.YAMLError, text: str) -> str:
     """One line: where in `text` the YAML error lies, what it is, and the fix."""
     if isinstance(exc, _Refused):
         return f"{_at(exc.mark, text)}: {exc.text}"
