@@ -162,6 +162,9 @@ class ExperimentConfig:
 # ---------------------------------------------------------------------------- checks
 
 # (field, test, what is allowed): cross-field and range rules, checked after types.
+# data.* fields holding paths: resolved against a config file's folder when relative.
+_PATH_FIELDS = ("list_dir", "feature_root", "test_feature_root", "cache_dir")
+
 _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
     ("model.visual_length", lambda c: c.model.visual_length >= 1, ">= 1"),
     (
@@ -259,6 +262,25 @@ _RULES: list[tuple[str, typing.Callable[[ExperimentConfig], bool], str]] = [
 
 for _k in ("w_mil", "w_align", "w_sep", "w_event", "w_bkg", "w_cons", "w_gather", "bkg_off_mass"):
     _RULES.append((f"loss.{_k}", lambda c, k=_k: getattr(c.loss, k) >= 0, ">= 0"))
+
+
+def _expandable(path: str) -> bool:
+    """Whether `~` or `~user` at the start of `path` names a home folder this system knows."""
+    try:
+        Path(path).expanduser()
+    except RuntimeError:  # "~nosuchuser/...", or no home folder to expand "~" to
+        return False
+    return True
+
+
+for _path_field in (*(f"data.{f}" for f in _PATH_FIELDS), "train.out_dir", "text.weights"):
+    _RULES.append(
+        (
+            _path_field,
+            lambda c, name=_path_field: _expandable(_get(c, name)),
+            "a path whose '~' or '~user' names a home folder that exists (or a full path)",
+        )
+    )
 
 
 def validate(cfg: ExperimentConfig, source: str = "config") -> ExperimentConfig:
@@ -460,9 +482,6 @@ def load_config(
         _apply_overrides(tree, overrides, source=f"{source} (overrides)")
         cfg = from_dict(tree, f"{source} (overrides)")
     return cfg
-
-
-_PATH_FIELDS = ("list_dir", "feature_root", "test_feature_root", "cache_dir")
 
 
 def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

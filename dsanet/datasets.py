@@ -54,8 +54,9 @@ class DatasetSpec:
         unknown = [t for t in tokens if t not in index]
         if unknown or not tokens:
             raise ValueError(
-                f"label {label!r} names no known class of dataset {self.name!r} "
-                f"(unknown: {unknown or [label]}); known labels: {list(self.class_labels)}"
+                f"label {brief(label)} names no known class of dataset {self.name!r} "
+                f"(unknown: {brief(unknown or [label])}); known labels: "
+                f"{list(self.class_labels)}"
             )
         return tuple(sorted({index[t] for t in tokens}))
 
