@@ -30,6 +30,8 @@ import yaml
 from bench_search import SCRATCH, run_study, small_tree, tiny_overrides
 from common import machine  # bench/ is the script's folder, first on sys.path
 
+from dsanet.yamlio import load_yaml_file
+
 GOAL = 0.40  # ours reaches random's final best within this share of the budget
 
 
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(seeds):
             for method in ("random", "tpe+asha"):  # interleaved: both see the same load
                 space = write_space(folder, method, seed, size)
-                name = yaml.safe_load(space.read_text())["name"]
+                name = load_yaml_file(space)["name"]
                 times = run_study(space, folder, folder / f"{name}.log", timeout=1500)
                 best = curve(folder / name, name)
                 results[method].append(best[:budget])

@@ -18,6 +18,7 @@ from common import machine  # bench/ is the script's folder, first on sys.path
 
 from dsanet import metrics
 from dsanet.datasets import load_spec
+from dsanet.npyio import load_object_list
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -35,8 +36,8 @@ def load_inputs() -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict]:
         for i in range(len(offsets) - 1)
     ]
     data = SHARED / "data" / spec.name
-    segments = np.load(data / spec.gt_segments, allow_pickle=True)
-    labels = np.load(data / spec.gt_labels, allow_pickle=True)
+    segments = load_object_list(data / spec.gt_segments)
+    labels = load_object_list(data / spec.gt_labels)
     return frames, segments, labels, meta
 
 

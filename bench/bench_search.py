@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 from common import machine  # bench/ is the script's folder, first on sys.path
 
+from dsanet.yamlio import load_yaml_file
+
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = Path(os.environ.get("DSANET_BENCH_SCRATCH", "/work/scratch/bench5"))
 FIT_TIMES = "bench_fit_times.json"  # written into the study folder by the driver below
@@ -92,7 +94,7 @@ def run_study(space: Path, storage: Path, log: Path, timeout: float) -> dict[str
     Returns the study's wall times: {"start", "end"} of Tuner.fit and the driver's "driver".
     Ray runs in a temp dir of its own; on a timeout the driver's process group is killed.
     """
-    name = yaml.safe_load(space.read_text())["name"]
+    name = load_yaml_file(space)["name"]
     times = storage / name / FIT_TIMES
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # Unix sockets need short paths
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp)}
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = SCRATCH / f"search-{'quick' if args.quick else 'demo'}-{os.getpid()}"
     folder.mkdir(parents=True)
     space = quick_space(folder) if args.quick else REPO / "search_spaces" / "demo.yaml"
-    spec = yaml.safe_load(space.read_text())
+    spec = load_yaml_file(space)
     try:
         times = run_study(space, folder, folder / "study.log", timeout=1500)
         root = folder / spec["name"]

@@ -39,15 +39,39 @@ def test_sources_are_found():
     assert len(SOURCES) > 30 and REPO / "tune" / "study.py" in SOURCES
 
 
-def test_yaml_is_only_safe_loaded():
+def test_yaml_is_parsed_only_by_the_strict_loader():
+    """dsanet/yamlio.py is the one place that parses YAML (aliases, duplicate keys, oversize
+    input refused); everything else calls its functions."""
+    yamlio = REPO / "dsanet" / "yamlio.py"
     uses = _attribute_uses("yaml")
     unsafe = [u for u in uses if u[2] in UNSAFE_YAML | UNSAFE_LOADERS]
-    assert not unsafe, f"use yaml.safe_load: {unsafe}"
-    assert any(u[2] == "safe_load" for u in uses)
+    assert not unsafe, f"parse YAML with dsanet.yamlio: {unsafe}"
+    parsing = {"safe_load", "safe_load_all", "compose", "parse", "scan"}
+    elsewhere = [u for u in uses if u[2] in parsing and REPO / u[0] != yamlio]
+    assert not elsewhere, f"parse YAML with dsanet.yamlio: {elsewhere}"
+    callers = [p for p in SOURCES if "load_yaml_file" in p.read_text() and p != yamlio]
+    assert len(callers) >= 5, callers  # config, datasets, space, plan, trainable, ...
     for path in SOURCES:  # no `from yaml import load` either
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "yaml":
                 assert not {a.name for a in node.names} & (UNSAFE_YAML | UNSAFE_LOADERS), path
+
+
+def test_no_pickle_is_loaded_but_by_the_restricted_reader():
+    """Untrusted files are never unpickled: numpy never gets allow_pickle=True, and the only
+    unpickler is dsanet/npyio.py's, which builds nothing but lists, strings and numbers."""
+    npyio = REPO / "dsanet" / "npyio.py"
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                flags = {k.arg: k.value for k in node.keywords}
+                allowed = flags.get("allow_pickle")
+                if node.func.attr != "save" and allowed is not None:  # np.save only writes
+                    assert isinstance(allowed, ast.Constant) and allowed.value is False, where
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads", "Unpickler"):
+                if isinstance(node.value, ast.Name) and node.value.id in ("pickle", "cloudpickle"):
+                    assert path == npyio, f"{where} unpickles"
 
 
 def test_every_torch_load_passes_weights_only_true():
