@@ -73,6 +73,10 @@ def generate(
     an existing `out` is replaced only if `overwrite` and it is a finished synthetic tree.
     """
     started = time.perf_counter()
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise ValueError(f"--seed {seed}: give a seed in [0, 2**32)")
+    if not 1 <= workers <= 256:
+        raise ValueError(f"--workers {workers}: give 1 to 256 writer processes")
     synth_preset = resolve_preset(preset, scale)
     spec = load_spec(synth_preset.dataset)
     out = Path(out).resolve()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dsanet.datasets import PRESET_DIR, DatasetSpec
+from dsanet.errors import brief
 from dsanet.yamlio import load_yaml_file
 
 CALIBRATION_PATH = PRESET_DIR / "synth.yaml"
@@ -58,13 +59,19 @@ def load_calibration() -> dict[str, Any]:
     return load_yaml_file(CALIBRATION_PATH)
 
 
+MAX_SCALE = 100.0  # xd-full x100 would be 1.6 TB: larger is a typo
+
+
 def resolve_preset(name: str, scale: float = 1.0) -> SynthPreset:
     """A preset name (`xd-mini`, ...) and a count multiplier -> `SynthPreset`."""
     presets = load_calibration()["presets"]
     if name not in presets:
         raise ValueError(f"unknown synthetic preset {name!r}; choose one of {sorted(presets)}")
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0 (a multiplier of the preset's counts), got {scale}")
+    if not 0 < scale <= MAX_SCALE:
+        raise ValueError(
+            f"--scale {brief(scale)}: give a multiplier of the preset's video counts in "
+            f"(0, {MAX_SCALE}] (xd-full at scale 1 is 16 GB)"
+        )
     raw = presets[name]
     length_range = tuple(raw["length_range"]) if raw.get("length_range") else None
     return SynthPreset(

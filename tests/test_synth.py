@@ -222,8 +222,14 @@ def test_trivial_scorer_is_beatable(trees: dict[str, SynthSummary], name: str) -
 def test_errors_and_replacement(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown synthetic preset"):
         generate("xd-huge", tmp_path / "x")
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        generate("xd-mini", tmp_path / "x", scale=0)
+    for bad in (0, -1, 1e300, float("nan")):
+        with pytest.raises(ValueError, match=r"--scale .*: give a multiplier .* in \(0, 100"):
+            generate("xd-mini", tmp_path / "x", scale=bad)
+    with pytest.raises(ValueError, match=r"--seed -1: give a seed in \[0, 2\*\*32\)"):
+        generate("xd-mini", tmp_path / "x", seed=-1)
+    with pytest.raises(ValueError, match="--workers 0: give 1 to 256"):
+        generate("xd-mini", tmp_path / "x", workers=0)
+    assert not (tmp_path / "x").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not a synthetic benchmark"):
