@@ -17,12 +17,14 @@ from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict
 from dsanet.errors import brief
 from dsanet.yamlio import load_yaml_file
 from tune.space import SpaceSpec, load_space
+from tune.space_settings import TRIALS_LIMIT
 
 log = logging.getLogger(__name__)
 
 RAY_DIR = "ray"  # Ray Tune's experiment folder inside the study folder
 DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
 MLFLOW_DB = "mlflow.db"
+FINAL_SEEDS_LIMIT = 100
 PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
 ADDRESS_TIMEOUT_S = 5.0  # for a cluster address to accept a TCP connection
 JOIN_FIX = (
@@ -66,8 +68,10 @@ class Plan:
 def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
     """Check everything before Ray starts; generate synthetic data and the feature cache."""
     spec = load_space(args.space, args.overrides)
-    if args.final_seeds < 0:
-        raise ValueError(f"--final-seeds {args.final_seeds}: give 0 (skip) or more seeds")
+    if not 0 <= args.final_seeds <= FINAL_SEEDS_LIMIT:
+        raise ValueError(
+            f"--final-seeds {args.final_seeds}: give 0 (skip) to {FINAL_SEEDS_LIMIT} seeds"
+        )
     if args.resume and (args.address or "").startswith("ray://"):
         raise ValueError(
             "--resume over Ray Client (ray://) is not supported: run the driver on the cluster "
@@ -96,8 +100,15 @@ def _check_address(address: str | None) -> None:
         return
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
     host, _, port = target.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # `auto` with no RAY_ADDRESS: Ray looks for a cluster on this machine itself
+    if address == "auto" and not target:
+        return  # Ray looks for a cluster on this machine itself
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        via = f"RAY_ADDRESS={brief(target)} (with --address auto)" if address == "auto" else ""
+        raise ValueError(
+            f"--address {brief(address)}{': ' + via if via else ''} is not an address: give "
+            f"auto, HOST:PORT or ray://HOST:PORT (port 1-65535), or leave out --address to run "
+            f"on this machine"
+        )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S):
             pass
@@ -207,10 +218,10 @@ def _study_size(spec: SpaceSpec, root: Path, requested: int | None) -> int:
     """The number of trials: fixed by the study once it started, else the space's or -n's."""
     from tune.searcher import planned_trials
 
-    if requested is not None and requested < 1:
+    if requested is not None and not 1 <= requested <= TRIALS_LIMIT:
         raise ValueError(
-            f"--num-samples {requested}: give 1 or more trials, or leave it out to use the "
-            f"space's num_samples ({spec.num_samples})"
+            f"--num-samples {requested}: give 1 to {TRIALS_LIMIT} trials, or leave it out to "
+            f"use the space's num_samples ({spec.num_samples})"
         )
     planned = planned_trials(root, spec.name)
     if planned is not None and requested not in (None, planned):

@@ -85,10 +85,23 @@ def test_resume_dry_run_of_a_real_study_writes_nothing(tmp_path, xd_small, capsy
     assert planned_trials(root, "other") is None
 
 
-@pytest.mark.parametrize("count", ["0", "-3"])
-def test_num_samples_below_one(tmp_path, xd_small, capsys, count):
-    status = run(write_space(tmp_path, xd_small), "--dry-run", "--num-samples", count)
-    one_error(capsys, status, f"--num-samples {count}", "give 1 or more")
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--num-samples", "0"], "--num-samples 0: give 1 to 100000 trials"),
+        (["--num-samples", "-3"], "--num-samples -3: give 1 to"),
+        (["--num-samples", "10000000000"], "--num-samples 10000000000: give 1 to"),
+        (["--final-seeds", "-1"], "--final-seeds -1: give 0 (skip) to 100 seeds"),
+        (["--final-seeds", "100000000"], "--final-seeds 100000000: give 0"),
+        (["--address", "garbage"], "--address 'garbage' is not an address"),
+        (["--address", "127.0.0.1:99999"], "(port 1-65535)"),
+        (["--address", "ray://:"], "give auto, HOST:PORT or ray://HOST:PORT"),
+    ],
+)
+def test_bad_counts_and_addresses(tmp_path, xd_small, capsys, args, needle):
+    status = main(["--space", str(write_space(tmp_path, xd_small)), "--dry-run", *args])
+    one_error(capsys, status, needle)
+    assert not (tmp_path / "studies").exists()
 
 
 @pytest.mark.parametrize("made", [False, True])
