@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dsanet.datasets import DatasetSpec
-from dsanet.errors import brief
+from dsanet.errors import brief, decode_utf8
 from dsanet.npyio import GT_FIX, load_object_list, open_npy
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,7 @@ def read_list(csv_path: Path, feature_root: Path, spec: DatasetSpec) -> VideoLis
 
 def _read_utf8(path: Path, what: str) -> str:
     """A text file others wrote, decoded as UTF-8 (a leading BOM dropped); NUL bytes refused."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ValueError(
-            f"{what} {path}, line {line} (byte {exc.start}): {brief(raw[exc.start : exc.end])} "
-            f"is not UTF-8 text; save the file as UTF-8"
-        ) from exc
+    text = decode_utf8(path.read_bytes(), f"{what} {path}").removeprefix("\ufeff")
     nul = text.find("\0")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1

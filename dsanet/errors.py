@@ -21,3 +21,15 @@ def brief(value: Any, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: limit - 12]}… ({len(text)} chars)"
+
+
+def decode_utf8(raw: bytes, source: str, error: type[Exception] = ValueError) -> str:
+    """`raw` as UTF-8 text; otherwise one `error` naming `source`, the line and the byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise error(
+            f"{source}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (byte offset "
+            f"{exc.start}) cannot be decoded; save the file as UTF-8"
+        ) from exc

@@ -13,7 +13,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node
 from yaml.resolver import Resolver
 
-from dsanet.errors import brief
+from dsanet.errors import brief, decode_utf8
 
 try:  # libyaml scans and parses five times faster; the composing and building stay ours
     from yaml.cyaml import CParser
@@ -127,15 +127,7 @@ def load_yaml_file(path: str | Path, error: type[Exception] = ValueError) -> Any
             f"{path}: larger than the {MAX_BYTES // 1024} KiB a YAML file here may hold "
             f"(a config or search space is a few KiB); check that this is the right file"
         )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise error(
-            f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} "
-            f"(byte offset {exc.start}) cannot be decoded; save the file as UTF-8"
-        ) from exc
-    return _parse(text, str(path), error)
+    return _parse(decode_utf8(data, str(path), error), str(path), error)
 
 
 def parse_yaml(text: str, source: str, error: type[Exception] = ValueError) -> Any:

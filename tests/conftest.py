@@ -93,3 +93,14 @@ def tiny_run_overrides(data: dict[str, Path], out_dir: Path) -> list[str]:
         "train.epochs=2",
         "data.val_fraction=0.2",
     ]
+
+
+def one_error(capsys, status: int, *needles: str) -> str:
+    """A CLI's answer to bad input: exit 2, one short `error:` message holding `needles`."""
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("error:") == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err

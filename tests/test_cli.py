@@ -7,22 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_overrides, write_tiny_tree
+from conftest import one_error, tiny_run_overrides, write_tiny_tree
 
 from dsanet.cli import main
 from dsanet.config import load_config
 from dsanet.loading import load_data
 from dsanet.trainer import BEST, CHECKPOINT, CONFIG, fit
-
-
-def one_error(capsys, status: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.startswith("error: ") and err.count("error:") == 1, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -375,7 +375,7 @@ BAD_DATA = {
     "list not UTF-8": (
         lambda t: _rewrite_bytes(t["lists"] / "xd_CLIP_rgb.csv", b"fightA", b"fight\xc4"),
         {},
-        r"xd_CLIP_rgb.csv, line 2 \(byte 48\): .* is not UTF-8 text; save the file as UTF-8",
+        r"xd_CLIP_rgb.csv: not UTF-8 text: byte 0x\w\w at line 2 \(byte offset 48\) .*save the",
     ),
     "list NUL byte": (
         lambda t: _rewrite_bytes(t["lists"] / "xd_CLIP_rgb.csv", b",B2-G-0", b",B2\0-G-0"),
@@ -390,7 +390,7 @@ BAD_DATA = {
     "annotation not UTF-8": (
         lambda t: _rewrite_bytes(t["lists"] / "annotations.txt", b"\n", b"\ncaf\xe9 1 2\n"),
         {},
-        r"annotation file .*annotations.txt, line 2 \(byte \d+\): .* is not UTF-8 text",
+        r"annotation file .*annotations.txt: not UTF-8 text: byte 0x\w\w at line 2 \(byte",
     ),
     "gt pickle payload": (
         lambda t: _plant_payload(t["lists"] / "gt_segment.npy", t["lists"] / "payload-ran"),

@@ -29,6 +29,7 @@ _top = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_top)
 REPO, SHARED, FIXTURES = _top.REPO, _top.SHARED, _top.FIXTURES
 tiny_run_overrides, write_tiny_tree = _top.tiny_run_overrides, _top.write_tiny_tree
+one_error = _top.one_error
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 START_TIMEOUT_S = 300.0  # 8-18 s on an idle 2-core machine; minutes when it is shared

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+from conftest import one_error
 from ray_fixtures import write_space
 
 from tune.searcher import SIZE_ATTR, planned_trials
@@ -17,16 +18,6 @@ from tune.study import main
 
 def run(space: Path, *args: str) -> int:
     return main(["--space", str(space), "--final-seeds", "0", *args])
-
-
-def one_error(capsys, status: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.startswith("error: ") and err.count("error:") == 1, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
