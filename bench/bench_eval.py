@@ -31,7 +31,7 @@ from dsanet.loading import load_data  # noqa: E402
 from dsanet.metrics import AP, MAP_AVG  # noqa: E402
 from dsanet.trainer import Trainer  # noqa: E402
 
-# The official XD setting (spec §1.2, §1.7).
+# The official XD setting (DESIGN §1.2, §1.7).
 TRAIN_ROWS, TEST_VIDEOS, BATCH = 39_540, 800, 96
 
 

@@ -3,7 +3,7 @@
 One prepared run for a lent GPU (`python bench/bench_gpu.py`, about 6 minutes on one H100):
 1. a full XD training step (B=96, T=256, 12-layer text tower, SG-NM on; forward + losses +
    backward + optimiser step) timed in fp32 and in bf16 autocast, interleaved, best of N, and
-   the achieved rate against the spec's count of about 4.8 TFLOP per step (DSANET.md §7.2);
+   the achieved rate against the count of about 4.8 TFLOP per step in DESIGN §7.2;
 2. 1, 2, 4 and 8 worker processes training at once on the one GPU, each capped at its share of
    the memory (`torch.cuda.set_per_process_memory_fraction`, as tune/trainable.py does): total
    steps per second, converted to trials per hour for a 10-epoch XD trial of 412 steps, and
@@ -32,7 +32,7 @@ from dsanet.losses import total_loss  # noqa: E402
 from dsanet.model import parameter_groups  # noqa: E402
 from dsanet.optim import build_optimizers  # noqa: E402
 
-STEP_TFLOP = 4.8  # forward + backward of one XD step at B=96, T=256 (DSANET.md §7.2)
+STEP_TFLOP = 4.8  # forward + backward of one XD step at B=96, T=256 (DESIGN §7.2)
 TRIAL_STEPS = 10 * 412  # 10 epochs of 412 steps: one XD trial
 QUICK = ["text.layers=1", "model.visual_length=64", "model.attn_window=16", "model.decoder_depth=1"]
 

@@ -32,7 +32,7 @@ class NaiveDataset(Dataset):
 
 
 def length_handling(features: np.ndarray, length: int) -> tuple[np.ndarray, int]:
-    """Bin means in a Python loop when longer, zero padding when shorter (spec §1.4)."""
+    """Bin means in a Python loop when longer, zero padding when shorter (DESIGN §1.4)."""
     if features.shape[0] <= length:
         pad = ((0, length - features.shape[0]), (0, 0))
         return np.pad(features, pad, mode="constant", constant_values=0), features.shape[0]

@@ -1,7 +1,7 @@
 """Typed, frozen experiment configuration: YAML + dotted overrides, validated once at load time.
 
 This is the only place defaults live. Defaults are the DSANet XD-Violence settings of the
-official code (spec §4, §6); `dsanet/configs/ucf.yaml` changes what differs for UCF-Crime.
+official code (DESIGN §4, §6); `dsanet/configs/ucf.yaml` changes what differs for UCF-Crime.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "xd"  # a preset in dsanet/presets or a dataset YAML path
     list_dir: str = ""  # folder holding the CSV lists, gt_segment/gt_label and annotation files
-    feature_root: str = ""  # list paths are re-rooted under it (spec §1.2)
+    feature_root: str = ""  # list paths are re-rooted under it (DESIGN §1.2)
     test_feature_root: str = ""  # test features, when they live apart ("" = feature_root)
     cache_dir: str = ""  # packed feature cache ("" = <feature_root>/.dsanet-cache)
     # validation: select on a held-out split of the training videos; final: train on every
@@ -473,7 +473,7 @@ def load_config(
         if "\x00" in str(path):
             raise ConfigError(f"config path {brief(str(path))} holds a NUL character; fix the path")
         path = Path(path)
-        if not path.suffix and not is_file(path, ConfigError):  # shipped: xd, ucf, demo
+        if not path.suffix and not is_file(path, ConfigError):  # shipped: configs/<name>.yaml
             path = CONFIG_DIR / f"{path}.yaml"
         tree = _read_tree(path, seen=())
         source = str(path)

@@ -1,7 +1,7 @@
 """VadCLIP-format features: list reading, length handling, ground truth, splits and batches.
 
 Training rows come resampled/padded to a fixed length from the packed cache (`dsanet.cache`);
-test videos are read whole and cut into fixed-length chunks (spec §1.4, §1.5).
+test videos are read whole and cut into fixed-length chunks (DESIGN §1.4, §1.5).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def resample(features: np.ndarray, length: int = 256) -> tuple[np.ndarray, int]:
     """Training-time length handling: average into `length` bins if longer, else zero-pad.
 
-    Bin edges are int(linspace(0, T, length+1)) (spec §1.4); an empty bin copies its start row.
+    Bin edges are int(linspace(0, T, length+1)) (DESIGN §1.4); an empty bin copies its start row.
     Returns the (length, D) array and the true length (min(T, length)).
     """
     num_rows, dim = features.shape
@@ -197,7 +197,7 @@ def frame_ground_truth(
     annotation: dict[str, list[tuple[int, int]]],
     frames_per_snippet: int,
 ) -> np.ndarray:
-    """Concatenated 0/1 frame vector of length Σ frames_per_snippet·T_v (spec §1.6).
+    """Concatenated 0/1 frame vector of length Σ frames_per_snippet·T_v (DESIGN §1.6).
 
     Annotated intervals are half-open and cut at the video's last frame.
     """

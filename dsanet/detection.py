@@ -1,6 +1,6 @@
-"""Segment mAP@IoU (spec §5.3) exactly as the reference `{xd,ucf}_detectionMAP.py` computes it,
-quirks included (§9 Q-M2..Q-M5; Q-M1's unused `excludeNormal` is not offered), but vectorised:
-about 95 s for the XD test set in the reference, well under 1 s here.
+"""Segment mAP@IoU (DESIGN §5.3) exactly as the reference `{xd,ucf}_detectionMAP.py` computes it,
+quirks included (DESIGN §9: Q-M2..Q-M5; Q-M1's unused `excludeNormal` is not offered), but
+vectorised: about 95 s for the XD test set in the reference, well under 1 s here.
 
 Exactly tied proposal scores are ordered by numpy's default argsort, as in the reference, and that
 order depends on the CPU's sort kernels (AVX2 vs AVX-512), so, like the reference, the mAP can
@@ -63,7 +63,7 @@ def detection_map(
     class_names: Sequence[str],
     iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
 ) -> list[float]:
-    """Reference segment mAP in percent, one value per IoU threshold (spec §5.3).
+    """Reference segment mAP in percent, one value per IoU threshold (DESIGN §5.3).
 
     `predictions`: per test video, frame-level class scores (F_v, C) in `class_names` order;
     `gt_segments` / `gt_labels`: as loaded from the shipped `gt_segment*.npy` / `gt_label*.npy`.

@@ -1,6 +1,6 @@
 """Building blocks of the DSANet video branch: local-window temporal transformer and graph block.
 
-Spec §2.1 (temporal encoder) and §2.2 (similarity / distance graphs, graph convolutions).
+DESIGN §2.1 (temporal encoder) and §2.2 (similarity / distance graphs, graph convolutions).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def window_mask(T: int, window: int) -> Tensor:
     if window < 1 or T % window:
         raise ValueError(
             f"model.attn_window={window} must divide model.visual_length={T} "
-            f"(otherwise the trailing rows are fully masked and give NaN, spec Q-A1)"
+            f"(otherwise the trailing rows are fully masked and give NaN, Q-A1)"
         )
     block = torch.arange(T) // window
     same = block[:, None] == block[None, :]
@@ -66,7 +66,7 @@ def padded_window_mask(window: Tensor, valid: Tensor, heads: int) -> Tensor:
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + MHA(LN(x)), then + MLP(LN(x)) with QuickGELU (spec §2.1)."""
+    """Pre-LN block: x + MHA(LN(x)), then + MLP(LN(x)) with QuickGELU (DESIGN §2.1)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
@@ -98,7 +98,7 @@ class TemporalTransformer(nn.Module):
 
 
 def similarity_adjacency(x: Tensor, lengths: Tensor, threshold: float) -> Tensor:
-    """Batched thresholded-cosine graph A_sim (B, T, T) of x (B, T, D) (spec §2.2).
+    """Batched thresholded-cosine graph A_sim (B, T, T) of x (B, T, D) (DESIGN §2.2).
 
     Per sample, on the top-left len x len block: cosines <= threshold become 0 (not -inf, so
     they still weigh e^0 = 1), then a row softmax over j < len. Rows and columns >= len are 0.
@@ -118,13 +118,13 @@ def similarity_adjacency(x: Tensor, lengths: Tensor, threshold: float) -> Tensor
 
 
 def distance_adjacency(T: int, scale: float) -> Tensor:
-    """A_dist (T, T) = exp(-|i - j| / scale); not row-normalised (spec §2.2)."""
+    """A_dist (T, T) = exp(-|i - j| / scale); not row-normalised (DESIGN §2.2)."""
     pos = torch.arange(T, dtype=torch.float64)
     return torch.exp(-(pos[:, None] - pos[None, :]).abs() / scale).float()
 
 
 class DistanceAdjacency(nn.Module):
-    """Holds A_dist as a buffer, plus the reference's unused `sigma` (spec Q-A2, §7.1 count)."""
+    """Holds A_dist as a buffer, plus the reference's unused `sigma` (Q-A2, DESIGN §7.1 count)."""
 
     def __init__(self, T: int, scale: float = math.e) -> None:
         super().__init__()

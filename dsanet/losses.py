@@ -1,4 +1,4 @@
-"""DSANet training losses (spec §3), vectorised over the batch with length masks.
+"""DSANet training losses (DESIGN §3), vectorised over the batch with length masks.
 
 `labels` is always the multi-hot (B, C) target with column 0 = normal; `lengths` (B,) are the
 true lengths (>= 1). Every loss returns a scalar tensor and is computed in float32.
@@ -71,7 +71,7 @@ def background_align(
     logits_bkg: Tensor, labels: Tensor, smoothing: float = 0.1, off_mass: float = 0.01
 ) -> Tensor:
     """L5: l4 (B, 1, C) against one fixed target for every video: (1, off_mass, ...) / sum,
-    label-smoothed. `labels` only fixes the batch; the video label plays no part (spec §3)."""
+    label-smoothed. `labels` only fixes the batch; the video label plays no part (DESIGN §3)."""
     logits = _per_video(logits_bkg.float())
     C = logits.shape[-1]
     base = torch.full((C,), off_mass, device=logits.device)
@@ -100,7 +100,7 @@ def consistency(
 def total_loss(
     outputs: DSANetOutput, labels: Tensor, lengths: Tensor, cfg: LossConfig
 ) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the terms (spec §3) and the unweighted terms by name, plus "total".
+    """Weighted sum of the terms (DESIGN §3) and the unweighted terms by name, plus "total".
 
     DCSA terms need loss.use_dcsa; consistency and gather terms come with SG-NM outputs.
     """

@@ -1,11 +1,11 @@
-"""Evaluation metrics (spec §5): frame-level AUC/AP and segment mAP@IoU, plus the metric key names.
+"""Evaluation metrics (DESIGN §5): frame-level AUC/AP, segment mAP@IoU and the metric key names.
 
 Segment mAP (`detection_map`, `detection_ap_by_class`) lives in `dsanet.detection` and is
 offered here too: this module is the one place to import metrics from.
 
 Metric keys returned by `evaluate_videos` (see `metric_keys`):
-- `auc`, `ap`: frame-level ROC-AUC / AP of σ(ℓ1) (§5.2), the reported and selected numbers;
-- `map_iou10` … `map_iou50`: reference segment mAP in percent at IoU 0.1 … 0.5 (§5.3);
+- `auc`, `ap`: frame-level ROC-AUC / AP of σ(ℓ1) (DESIGN §5.2), the reported and selected numbers;
+- `map_iou10` … `map_iou50`: reference segment mAP in percent at IoU 0.1 … 0.5 (DESIGN §5.3);
 - `map_avg`: their mean (the paper's "AVG");
 - `map_iou10_corrected` …, `map_avg_corrected`: the same with class 0 left out of the mean when no
   ground truth maps to it (UCF, Q-M2); equal to the reference values on XD.
@@ -97,7 +97,7 @@ def frame_auc_ap(
     if not (positive.any() and negative.any() and (positive | negative).all()):
         raise ValueError(
             "frame_auc_ap: gt_frames must be 0/1 and hold both values; check the "
-            "frame ground truth (spec §1.6) and that it covers the test videos"
+            "frame ground truth (DESIGN §1.6) and that it covers the test videos"
         )
     return (
         float(roc_auc_score(gt_frames, scores)),
@@ -119,7 +119,7 @@ def evaluate_videos(
 ) -> dict[str, float]:
     """Test metrics (keys: `metric_keys`) from per-video snippet logits ℓ1 (T_v, 1), ℓ2 (T_v, C).
 
-    Class probabilities are the belief-modulated ones at `temperature` (β, §5.1), or with
+    Class probabilities are the belief-modulated ones at `temperature` (β, DESIGN §5.1), or with
     `class_probs="softmax"` VadCLIP's plain softmax(ℓ2) (temperature unused). Arrays or tensors.
     """
     import torch  # imported here so that the numpy metrics above load without torch

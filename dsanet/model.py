@@ -1,7 +1,7 @@
-"""The DSANet network (spec §2): temporal encoder, graph block, detection head, class alignment,
+"""The DSANet network (DESIGN §2): temporal encoder, graph block, detection head, class alignment,
 DCSA pooling and SG-NM, over pre-extracted CLIP features, with an injected text encoder.
 
-`belief_modulation` (spec §5.1) lives here too; importing this module loads only torch and yaml.
+`belief_modulation` (DESIGN §5.1) lives here too; importing this module loads only torch and yaml.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dsanet.sgnm import SGNM, SGNMOutput
 
 
 def belief_modulation(logits_det: Tensor, logits_align: Tensor, temperature: float) -> Tensor:
-    """Hierarchical belief modulation (spec §5.1): (T, 1), (T, C) logits -> (T, C) probabilities.
+    """Hierarchical belief modulation (DESIGN §5.1): (T, 1), (T, C) logits -> (T, C) probabilities.
 
     Column 0 is 1 - sigmoid(l1/beta); column c >= 1 is sigmoid(l1/beta) times softmax(l2/beta)
     renormalised over the anomaly classes. Rows sum to 1.
@@ -41,7 +41,7 @@ def belief_modulation(logits_det: Tensor, logits_align: Tensor, temperature: flo
 
 @dataclass
 class DSANetOutput:
-    """What one training forward returns (spec §2.8)."""
+    """What one training forward returns (DESIGN §2.8)."""
 
     logits_det: Tensor  # l1 (B, T, 1)
     logits_align: Tensor  # l2 (B, T, C)
@@ -117,11 +117,11 @@ class DSANet(nn.Module):
     def encode_classes(self) -> Tensor:
         """Class embeddings t (C, D). Training calls it once per forward (the adapters train);
         evaluation calls it once per pass under no_grad and hands the result to `infer`, so no
-        cached copy can go stale (spec Q-T1)."""
+        cached copy can go stale (Q-T1)."""
         return self.text_encoder()
 
     def encode_video(self, features: Tensor, lengths: Tensor, valid: Tensor | None) -> Tensor:
-        """Temporal transformer + both graph paths: (B, T, D) -> V (B, T, D) (spec §2.1-2.2).
+        """Temporal transformer + both graph paths: (B, T, D) -> V (B, T, D) (DESIGN §2.1-2.2).
 
         `valid` (B, T) masks padding (flag mask_padding) or is None (the reference).
         """
@@ -138,7 +138,7 @@ class DSANet(nn.Module):
         return self.linear(torch.cat([x1, x2], dim=-1))
 
     def align(self, V: Tensor, logits_det: Tensor, text: Tensor, valid: Tensor | None) -> Tensor:
-        """l2 (B, T, C): cosine of V with visually prompted class embeddings / 0.07 (spec §2.5)."""
+        """l2 (B, T, C): cos(V, visually prompted class embeddings) / 0.07 (DESIGN §2.5)."""
         weights = logits_det if valid is None else logits_det * valid[..., None]  # raw logits
         prompt = F.normalize(weights.mT @ V, dim=-1)  # (B, 1, D)
         classes = text.unsqueeze(0) + prompt  # (B, C, D)
@@ -148,7 +148,7 @@ class DSANet(nn.Module):
     def pool_event_background(
         self, V: Tensor, logits_det: Tensor, text: Tensor, valid: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """DCSA soft pooling (spec §2.6): l3, l4 (B, 1, C) against the plain class embeddings."""
+        """DCSA soft pooling (DESIGN §2.6): l3, l4 (B, 1, C) against the plain class embeddings."""
         p = torch.sigmoid(logits_det)  # (B, T, 1)
         weights = torch.cat([p, 1.0 - p], dim=-1)  # (B, T, 2): event, background
         weights = torch.expm1(self.pool_scale * weights)  # each in [0, e^s - 1]
@@ -214,7 +214,7 @@ class DSANet(nn.Module):
         return {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The state dict without the frozen CLIP weights (spec Q-C1)."""
+        """The state dict without the frozen CLIP weights (Q-C1)."""
         frozen = self._frozen_names()
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
@@ -245,7 +245,7 @@ class DSANet(nn.Module):
 
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(main, SG-NM) trainable parameters (spec §4): SG-NM gets its own optimiser."""
+    """(main, SG-NM) trainable parameters (DESIGN §4): SG-NM gets its own optimiser."""
     main: list[nn.Parameter] = []
     sgnm: list[nn.Parameter] = []
     for name, p in model.named_parameters():

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules (spec §4): AdamW + per-epoch cosine for the main group,
+"""Optimisers and learning-rate schedules (DESIGN §4): AdamW + per-epoch cosine for the main group,
 StableAdamW + per-iteration warm cosine for the SG-NM group, bundled behind one step/state API.
 """
 
@@ -209,7 +209,7 @@ class Optimizers:
             self.sgnm.zero_grad()
 
     def step(self) -> None:
-        """After backward: main step, SG-NM step, SG-NM scheduler step (spec §4 order)."""
+        """After backward: main step, SG-NM step, SG-NM scheduler step (DESIGN §4 order)."""
         self.main.step()
         if self.has_sgnm:
             self.sgnm.step()
@@ -256,7 +256,7 @@ def build_optimizers(
     steps_per_epoch: int,
     epochs: int,
 ) -> Optimizers:
-    """Build the spec §4 optimisers.
+    """Build the DESIGN §4 optimisers.
 
     "cosine+warmcosine": AdamW(lr, wd) + CosineAnnealingLR(T_max=epochs) stepped per epoch for
     the main group; StableAdamW + warm cosine over epochs × steps iterations for SG-NM, where

@@ -1,4 +1,4 @@
-"""SG-NM, self-guided normal modelling (spec §2.7): training-only reconstruction of V from
+"""SG-NM, self-guided normal modelling (DESIGN §2.7): training-only reconstruction of V from
 dynamic normal prototypes distilled from the lowest-scoring snippets.
 """
 
@@ -79,7 +79,7 @@ class CrossAttention(nn.Module):
 
 
 class CosineAttention(nn.Module):
-    """ReLU(scale_h * cos(q, k)) v: no softmax, no row normalisation (spec §2.7 step 5)."""
+    """ReLU(scale_h * cos(q, k)) v: no softmax, no row normalisation (DESIGN §2.7 step 5)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -112,7 +112,7 @@ class AggregationBlock(nn.Module):
 
 
 class PrototypeBlock(nn.Module):
-    """Snippets attend to the prototypes; the attention residual is optional (spec Q-S1)."""
+    """Snippets attend to the prototypes; the attention residual is optional (Q-S1)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, residual: bool) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Where text.weights="openai" looks (default ~/.cache/dsanet).
 WEIGHTS_DIR_ENV = "DSANET_WEIGHTS_DIR"
-# Stands in for the visual tower when it is random anyway (it is discarded, spec §2.4).
+# Stands in for the visual tower when it is random anyway (it is discarded, DESIGN §2.4).
 _TINY_VISION = {"image_size": 16, "layers": 1, "width": 64, "patch_size": 16, "head_width": 64}
 
 

@@ -1,4 +1,4 @@
-"""CLIP class-prompt encoders over a frozen open_clip text tower (spec §2.4, §8).
+"""CLIP class-prompt encoders over a frozen open_clip text tower (DESIGN §2.4, §8).
 
 adapter (DSANet), coop (VadCLIP's learnable context), frozen and manual (templated) encoders;
 each returns the class embeddings t (C, D). Weights are loaded in `dsanet.text`.
@@ -152,7 +152,7 @@ def _cut(tokens: Tensor, last: Tensor, truncate: bool) -> Tensor:
 
 
 class AdapterTextEncoder(ClassTextEncoder):
-    """DSANet (spec §2.4): adapters after the first L blocks with norm-matched mixing t_w, EOT
+    """DSANet (DESIGN §2.4): adapters after the first L blocks with norm-matched mixing t_w, EOT
     pooling, and a trainable LeakyReLU(x W) projection replacing CLIP's text_projection."""
 
     def __init__(
@@ -196,7 +196,7 @@ class AdapterTextEncoder(ClassTextEncoder):
 
 
 class PromptTextEncoder(ClassTextEncoder):
-    """VadCLIP's CoOp-style prompt (spec §8): a learnable (77, W) context indexed by absolute
+    """VadCLIP's CoOp-style prompt (DESIGN §8): a learnable (77, W) context indexed by absolute
     position; SOT, `prefix` context rows, the class words, `postfix` rows, EOT; frozen CLIP
     with its text_projection."""
 

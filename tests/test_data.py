@@ -61,7 +61,7 @@ def test_split_chunks_matches_reference(feature_fixture):
 
 
 def test_resample_bins_are_integer_edges():
-    # Spec §11: T_v = 300 -> edges floor(i*300/256), each row a bin mean.
+    # DESIGN §11: T_v = 300 -> edges floor(i*300/256), each row a bin mean.
     features = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
     out, length = resample(features, 256)
     edges = [i * 300 // 256 for i in range(257)]

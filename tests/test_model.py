@@ -1,4 +1,4 @@
-"""DSANet model: vectorised pieces vs per-sample loops, spec §11 invariants, parameter counts,
+"""DSANet model: vectorised pieces vs per-sample loops, DESIGN §11 invariants, parameter counts,
 training/inference behaviour and ablation switches."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for dsanet.optim: schedule invariants (spec §11), StableAdamW vs a naive loop, resume."""
+"""Tests for dsanet.optim: schedule invariants (DESIGN §11), StableAdamW vs a naive loop, resume."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def naive_stable_adamw(
     wd: float,
     clip: float,
 ) -> tuple[list[list[float]], list[float]]:
-    """Scalar re-statement of spec §4 per tensor. Returns final values and every ρ seen."""
+    """Scalar re-statement of DESIGN §4 per tensor. Returns final values and every ρ seen."""
     values = [list(v) for v in values]
     m = [[0.0] * len(v) for v in values]
     v2 = [[0.0] * len(v) for v in values]

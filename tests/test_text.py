@@ -1,4 +1,4 @@
-"""Text encoders: the adapter invariant of spec §11, token truncation, modes, weight resolution,
+"""Text encoders: the adapter invariant of DESIGN §11, token truncation, modes, weight resolution,
 and the kept tower a reused worker builds from."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _encoder(cfg: TextConfig, tower, tokenizer):
 
 
 def test_adapter_with_zero_mix_equals_open_clip(tokenizer):
-    """Spec §11: t_w = 0 and identity projection == encode_text with identity text_projection."""
+    """DESIGN §11: t_w = 0 and identity projection == encode_text with identity text_projection."""
     model = _clip()
     cfg = TextConfig(layers=LAYERS, adapt_layers=LAYERS, adapter_weight=0.0, normalize=False)
     encoder = _encoder(cfg, encoders.FrozenTextTower.from_open_clip(model), tokenizer)
