@@ -51,45 +51,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dsanet.evaluate import predict_test, test_metrics, validation_metrics
-    from dsanet.loading import load_data
-    from dsanet.trainer import (
-        build_model,
-        load_checkpoint,
-        read_run_config,
-        resolve_device,
-    )
+    from dsanet.runs import load_run
 
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} not found; runs write last.pt and best.pt into train.out_dir"
-        )
-    config_file = path.parent / "config.yaml"
-    cfg = read_run_config(config_file)
-    if args.split == "val" and cfg.data.protocol != "validation":
-        raise ValueError(
-            f"--split val: {config_file} trained under data.protocol={cfg.data.protocol}, on "
-            f"every training video, so the run has no held-out validation videos; use --split "
-            f"test"
-        )
-    if args.overrides:
-        cfg = cfg.with_overrides(args.overrides)
-        if args.split == "val" and cfg.data.protocol != "validation":
-            raise ValueError("--split val needs data.protocol=validation; drop that override")
-    device = resolve_device(cfg.train.device)
-    state = load_checkpoint(path, device)  # a broken file fails before the data is read
-    bundle = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
-    model = build_model(cfg, bundle.spec, device)
-    model.load_trainable_state_dict(state.get("model", state))
-    if args.split == "test":
-        scores = test_metrics(
-            predict_test(model, bundle.test, device, cfg.train.precision), bundle, cfg.eval
-        )
-    else:
-        scores = validation_metrics(
-            model, bundle, device, cfg.train.batch_size, cfg.loss.topk_divisor, cfg.train.precision
-        )
+    run = load_run(args.checkpoint, args.overrides, split=args.split)
+    scores = run.test_metrics() if args.split == "test" else run.validation_metrics()
     print(json.dumps(scores, indent=1))
     return 0
 
@@ -145,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="best.pt or last.pt of a run, or the run folder"
+    )
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
     evaluate.add_argument("overrides", nargs="*", help="section.field=value ...")
     evaluate.set_defaults(run=_evaluate)

@@ -1,4 +1,5 @@
-"""Evaluation passes: test-set inference (chunked, batched across videos) and validation scores.
+"""Evaluation passes: test-set inference (chunked, batched across videos), validation scores,
+and the video-level class guesses of the test set.
 
 The class text features are encoded once per pass, not per video (Q-T1 fixed), and SG-NM
 never runs here.
@@ -7,7 +8,7 @@ never runs here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +92,47 @@ def test_metrics(
         class_probs=cfg.class_probs,
         iou_thresholds=cfg.iou_thresholds,
     )
+
+
+@torch.no_grad()
+def video_class_scores(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]], cfg: EvalConfig, topk_divisor: int
+) -> np.ndarray:
+    """(V, C) per test video: its class probabilities (eval.class_probs at eval.temperature, as
+    the segment mAP uses them) pooled over snippets by the top-k mean, k = T_v // topk_divisor
+    + 1 (the MIL pooling of the losses and of validation)."""
+    pooled = []
+    for det, align in predictions:
+        det_t = torch.as_tensor(det).reshape(len(det), 1).float()
+        probs = metrics.class_probabilities(
+            det_t, torch.as_tensor(align).float(), cfg.temperature, cfg.class_probs
+        )  # (T_v, C)
+        pooled.append(topk_mean(probs[None], torch.tensor([len(probs)]), topk_divisor)[0])
+    return torch.stack(pooled).cpu().numpy()
+
+
+def video_class_predictions(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]], cfg: EvalConfig, topk_divisor: int
+) -> np.ndarray:
+    """(V,) int per test video: the anomaly class (1 … C-1) of highest `video_class_scores`."""
+    return video_class_scores(predictions, cfg, topk_divisor)[:, 1:].argmax(axis=1) + 1
+
+
+def class_confusion(predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(C-1, C-1) video counts over the anomalous videos: row = true, column = predicted class.
+
+    `predicted` (V,) holds classes 1 … C-1 (`video_class_predictions`), `targets` (V, C) the
+    multi-hot labels. A multi-label video is right when the prediction is any of its classes
+    (counted on the diagonal); otherwise it counts in the row of its first class.
+    """
+    size = targets.shape[1] - 1
+    matrix = np.zeros((size, size), dtype=np.int64)
+    for guess, target in zip(predicted, targets, strict=True):
+        true = np.flatnonzero(target[1:]) + 1
+        if target[0] == 1 or len(true) == 0:
+            continue
+        matrix[(guess if guess in true else true[0]) - 1, guess - 1] += 1
+    return matrix
 
 
 @torch.no_grad()

@@ -38,10 +38,12 @@ __all__ = [
     "MAP_AVG",
     "MAP_AVG_CORRECTED",
     "DetectionAP",
+    "class_probabilities",
     "detection_ap_by_class",
     "detection_map",
     "evaluate_videos",
     "frame_auc_ap",
+    "frame_scores",
     "map_key",
     "metric_keys",
     "snippets_to_frames",
@@ -136,12 +138,11 @@ def evaluate_videos(
             "be cut to the video's T_v snippets"
         )
     with torch.no_grad():
-        det = torch.cat([torch.as_tensor(d).reshape(len(d), 1) for d in logits_det]).float()
+        det = _stacked_det(logits_det)  # (ΣT_v, 1)
         align = torch.cat([torch.as_tensor(a) for a in logits_align]).float()  # (ΣT_v, C)
-        scores = torch.sigmoid(det)[:, 0].cpu().numpy()  # (ΣT_v,)
-        probs = _class_probabilities(det, align, temperature, class_probs).cpu().numpy()
+        probs = class_probabilities(det, align, temperature, class_probs).cpu().numpy()
     fps = spec.frames_per_snippet
-    auc, ap = frame_auc_ap(snippets_to_frames(scores, fps), gt_frames)
+    auc, ap = frame_auc_ap(frame_scores(logits_det, fps), gt_frames)
     frames = snippets_to_frames(as_scores(probs, "the stacked videos", spec.num_classes), fps)
     offsets = np.concatenate([[0], np.cumsum(lengths)]) * fps
     per_class = ap_from_frames(
@@ -156,7 +157,28 @@ def evaluate_videos(
     return {key: result[key] for key in metric_keys(thresholds)}
 
 
-def _class_probabilities(det: Any, align: Any, temperature: float, class_probs: str) -> Any:
+def frame_scores(logits_det: Sequence[Any], frames_per_snippet: int) -> list[np.ndarray]:
+    """Per video, ℓ1 (T_v, 1) -> σ(ℓ1) per frame (T_v·frames_per_snippet,), float32: the scores
+    whose frame AUC/AP `evaluate_videos` reports, bit for bit. Arrays or tensors."""
+    import torch
+
+    with torch.no_grad():
+        scores = torch.sigmoid(_stacked_det(logits_det))[:, 0].cpu().numpy()  # (ΣT_v,)
+    frames = snippets_to_frames(scores, frames_per_snippet)
+    ends = np.cumsum([len(d) for d in logits_det])[:-1] * int(frames_per_snippet)
+    return np.split(frames, ends)
+
+
+def _stacked_det(logits_det: Sequence[Any]) -> Any:
+    """Per-video ℓ1 arrays or tensors -> one float32 tensor (ΣT_v, 1)."""
+    import torch
+
+    return torch.cat([torch.as_tensor(d).reshape(len(d), 1) for d in logits_det]).float()
+
+
+def class_probabilities(det: Any, align: Any, temperature: float, class_probs: str) -> Any:
+    """Snippet class probabilities (T, C) from ℓ1 (T, 1) and ℓ2 (T, C) tensors: the belief-
+    modulated ones at `temperature` (class_probs "hbm"), or softmax(ℓ2) ("softmax")."""
     if class_probs == "softmax":
         return align.softmax(dim=-1)
     if class_probs == "hbm":

@@ -3,6 +3,7 @@ field and the fix, exit status 2, and no file of an existing run changed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import one_error, tiny_run_overrides, write_tiny_tree
 from dsanet.cli import main
 from dsanet.config import load_config
 from dsanet.loading import load_data
-from dsanet.trainer import BEST, CHECKPOINT, CONFIG, fit
+from dsanet.trainer import BEST, CHECKPOINT, CONFIG, RESULT, fit
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -76,6 +77,14 @@ def test_a_relocated_run_resumes(finished_run, tmp_path):
     overrides = [o for o in overrides if not o.startswith("data.cache_dir=")]
     result = fit(load_config("demo", [*overrides, f"data.cache_dir={moved}"]))
     assert len(result.history) == 1  # the finished epoch was kept, not trained again
+
+
+def test_evaluate_repeats_the_runs_test_metrics(finished_run, capsys):
+    _, run = finished_run
+    saved = json.loads((run / RESULT).read_text())["test"]
+    for path in (run / BEST, run):  # a checkpoint, or the run folder
+        assert main(["evaluate", "--checkpoint", str(path)]) == 0
+        assert json.loads(capsys.readouterr().out) == pytest.approx(saved, rel=1e-6, abs=1e-9)
 
 
 def test_evaluate_val_split_of_a_final_protocol_run(finished_run, tmp_path, capsys):

@@ -404,6 +404,18 @@ def test_snippets_to_frames():
         metrics.snippets_to_frames(scores, 0)
 
 
+def test_frame_scores_are_the_ranked_scores_per_video():
+    rng = np.random.default_rng(4)
+    det = [rng.normal(size=(n, 1)).astype(np.float32) for n in (5, 1, 9)]
+    scores = metrics.frame_scores(det, 4)
+    assert [len(s) for s in scores] == [20, 4, 36] and all(s.dtype == np.float32 for s in scores)
+    expected = 1 / (1 + np.exp(-det[2][1, 0].astype(np.float64)))
+    np.testing.assert_allclose(scores[2][4:8], [expected] * 4, rtol=1e-6)
+    assert metrics.frame_scores([torch.from_numpy(d) for d in det], 4)[0].tolist() == (
+        scores[0].tolist()
+    )
+
+
 def test_evaluate_videos_softmax_matches_parts():
     spec = load_spec("xd")
     rng = np.random.default_rng(3)

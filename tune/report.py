@@ -19,8 +19,8 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from dsanet.config import ExperimentConfig, field_names, load_config
-from dsanet.metrics import frame_auc_ap, snippets_to_frames
+from dsanet.config import ExperimentConfig, field_names
+from dsanet.metrics import frame_auc_ap, frame_scores
 from tune.space import SpaceSpec, trial_config
 from tune.tracking import PARENT, MlflowTracker
 
@@ -150,19 +150,23 @@ def write_best_trial_artifacts(
 
     videos.png: σ(ℓ1) per frame against the ground truth for `num_videos` test videos, about
     half anomalous and half normal, spread over the test list. roc.png / pr.png: frame-level
-    curves. confusion.png/.json: video-level class confusion over the anomalous test videos.
+    curves. confusion.png/.json: video-level class confusion over the anomalous test videos
+    (`dsanet.evaluate.class_confusion`).
     """
+    from dsanet.evaluate import class_confusion, video_class_predictions
+    from dsanet.runs import load_run
+
     folder = _folder(study_dir, "best")
-    cfg = load_config(Path(model_dir) / "config.yaml")
-    shown = model_label(cfg)
-    predictions, bundle = _predict(Path(model_dir), cfg)
-    fps, test = bundle.spec.frames_per_snippet, bundle.test
-    scores = [snippets_to_frames(_sigmoid(det[:, 0]), fps) for det, _ in predictions]  # (F_v,)
+    run = load_run(model_dir)
+    cfg, test, shown = run.cfg, run.bundle.test, model_label(run.cfg)
+    predictions = run.predict_test()
+    scores = frame_scores([det for det, _ in predictions], run.bundle.spec.frames_per_snippet)
     picked = pick_videos(test.videos.targets[:, 0] == 1, num_videos)
     _plot_videos(scores, test, picked, folder, shown)
     metrics = _plot_curves(np.concatenate(scores), test.gt_frames, folder, shown)
-    matrix = class_confusion(predictions, test.videos.targets, cfg)
-    metrics["class_acc"] = _plot_confusion(matrix, bundle.spec, folder, shown)
+    guesses = video_class_predictions(predictions, cfg.eval, cfg.loss.topk_divisor)
+    matrix = class_confusion(guesses, test.videos.targets)
+    metrics["class_acc"] = _plot_confusion(matrix, run.bundle.spec, folder, shown)
     _compare_with_result(metrics, Path(model_dir))
     described = {"model": shown, "seed": cfg.train.seed, "protocol": cfg.data.protocol}
     (folder / "metrics.json").write_text(json.dumps({**described, **metrics}, indent=1))
@@ -187,68 +191,6 @@ def pick_videos(normal: np.ndarray, count: int) -> list[int]:
         return [int(ids[i]) for i in np.linspace(0, len(ids) - 1, n).round().astype(int)]
 
     return sorted(set(spread(anomalous, num_anomalous) + spread(normal_ids, num_normal)))
-
-
-def class_confusion(
-    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
-    targets: np.ndarray,
-    cfg: ExperimentConfig,
-) -> np.ndarray:
-    """(C-1, C-1) video counts over the anomalous test videos: row = true, column = predicted.
-
-    A video's prediction is the arg-max over the anomaly classes of its class probabilities
-    (eval.class_probs at eval.temperature) pooled by the top-k mean over snippets, k = T_v //
-    loss.topk_divisor + 1 (the MIL pooling of training and validation). A multi-label video is
-    right when the prediction is any of its classes (counted on the diagonal); otherwise it
-    counts in the row of its first class.
-    """
-    import torch
-
-    from dsanet.model import belief_modulation
-
-    size = targets.shape[1] - 1
-    matrix = np.zeros((size, size), dtype=np.int64)
-    for (det, align), target in zip(predictions, targets, strict=True):
-        true = np.flatnonzero(target[1:])
-        if target[0] == 1 or len(true) == 0:
-            continue
-        det_t, align_t = torch.from_numpy(det), torch.from_numpy(align)
-        if cfg.eval.class_probs == "hbm":
-            probs = belief_modulation(det_t, align_t, cfg.eval.temperature).numpy()
-        else:
-            probs = torch.softmax(align_t, dim=-1).numpy()
-        k = len(probs) // cfg.loss.topk_divisor + 1
-        pooled = -np.sort(-probs[:, 1:], axis=0)[:k].mean(axis=0)  # (C-1,)
-        guess = int(pooled.argmax())
-        matrix[guess if guess in true else true[0], guess] += 1
-    return matrix
-
-
-def _predict(model_dir: Path, cfg: ExperimentConfig) -> tuple[list, Any]:
-    """Test-set logits of the saved model; the run's own test pass, repeated."""
-    from dsanet.evaluate import predict_test
-    from dsanet.loading import load_data
-    from dsanet.trainer import build_model, resolve_device, seed_everything
-
-    bundle = load_data(cfg.data, cfg.model.visual_length, cfg.model.visual_width)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)  # a random text tower, as trained
-    model = build_model(cfg, bundle.spec, device)
-    model.load_trainable_state_dict(_weights(model_dir, device))
-    return predict_test(model, bundle.test, device, cfg.train.precision), bundle
-
-
-def _weights(model_dir: Path, device: Any) -> dict[str, Any]:
-    """best.pt (the selected epoch) or, under protocol final, the last epoch of last.pt."""
-    from dsanet.trainer import BEST, CHECKPOINT, load_checkpoint
-
-    if (model_dir / BEST).is_file():
-        return load_checkpoint(model_dir / BEST, device)
-    if (model_dir / CHECKPOINT).is_file():
-        return load_checkpoint(model_dir / CHECKPOINT, device)["model"]
-    raise FileNotFoundError(
-        f"{model_dir} holds neither {BEST} nor {CHECKPOINT}; pass the run folder of a finished fit"
-    )
 
 
 def _plot_videos(
@@ -347,13 +289,6 @@ def _compare_with_result(metrics: dict[str, float], model_dir: Path) -> None:
             metrics["frame_auc"],
             test["auc"],
         )
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    """σ in float32 through torch, as dsanet.metrics scores the test set (ties included)."""
-    import torch
-
-    return torch.sigmoid(torch.from_numpy(np.ascontiguousarray(logits)).float()).numpy()
 
 
 def _folder(study_dir: Path, name: str) -> Path:

@@ -1,20 +1,23 @@
 """Report artifacts from small in-memory Optuna studies, logged to a parent run on a real server;
-the video selection and the class confusion rule on hand-made inputs."""
+the video selection on hand-made inputs; the best-model plots of a tiny run."""
 
 from __future__ import annotations
 
 import csv
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
 import yaml
-from conftest import write_space
+from conftest import tiny_run_overrides, write_space, write_tiny_tree
 from mlflow import MlflowClient
 
-from dsanet.config import ExperimentConfig
-from tune.report import class_confusion, pick_videos, write_study_artifacts
+from dsanet.config import load_config
+from dsanet.trainer import RESULT, fit
+from tune.report import pick_videos, write_best_trial_artifacts, write_study_artifacts
 from tune.space import optuna_distributions
-from tune.tracking import MlflowTracker
+from tune.tracking import PARENT, MlflowTracker
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 
@@ -86,25 +89,24 @@ def test_pick_videos_mixes_anomalous_and_normal():
     assert normal[pick_videos(normal, 5)].sum() == 2  # the odd one is anomalous
 
 
-def test_class_confusion_counts_multi_label_videos_as_right():
-    cfg = ExperimentConfig()  # hbm at temperature 1, top-k divisor 16
-    num_classes, length = 4, 32
-
-    def video(favoured: int) -> tuple[np.ndarray, np.ndarray]:
-        align = np.zeros((length, num_classes), dtype=np.float32)
-        align[:, favoured] = 5.0
-        return np.full((length, 1), 3.0, dtype=np.float32), align
-
-    targets = np.array(
-        [
-            [0, 1, 0, 0],  # class 1, predicted 1: right
-            [0, 0, 1, 1],  # classes 2 and 3, predicted 3: right
-            [0, 1, 0, 0],  # class 1, predicted 2: wrong
-            [1, 0, 0, 0],  # normal: not counted
-        ],
-        dtype=np.float32,
-    )
-    matrix = class_confusion([video(1), video(3), video(2), video(2)], targets, cfg)
-    expected = np.zeros((3, 3), dtype=np.int64)
-    expected[0, 0] = expected[2, 2] = expected[0, 1] = 1
-    np.testing.assert_array_equal(matrix, expected)
+def test_best_model_artifacts_of_a_tiny_run(tmp_path):
+    """The plots draw what dsanet computes: metrics.json repeats the run's own test numbers."""
+    data = write_tiny_tree(tmp_path / "tiny")
+    extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
+    cfg = load_config("demo", tiny_run_overrides(data, tmp_path / "run") + extra)
+    run = fit(cfg).out_dir
+    logged = []
+    tracker = SimpleNamespace(log_artifact=lambda *args: logged.append(args))
+    folder = write_best_trial_artifacts(run, tracker, tmp_path / "study")
+    assert logged == [(PARENT, folder, "best")]
+    expected = {"videos.png", "roc.png", "pr.png", "confusion.png", "confusion.json"}
+    assert {p.name for p in folder.iterdir()} == expected | {"metrics.json"}
+    shown = json.loads((folder / "metrics.json").read_text())
+    assert list(shown) == ["model", "seed", "protocol", "frame_auc", "frame_ap", "class_acc"]
+    seed = cfg.train.seed
+    assert shown["model"] == f"validation-protocol run, seed {seed}" and shown["seed"] == seed
+    test = json.loads((run / RESULT).read_text())["test"]
+    assert (shown["frame_auc"], shown["frame_ap"]) == (test["auc"], test["ap"])
+    table = json.loads((folder / "confusion.json").read_text())
+    assert len(table["classes"]) == 6 and np.sum(table["matrix"]) == 1  # one anomalous video
+    assert table["accuracy"] == shown["class_acc"]
