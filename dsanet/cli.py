@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one configuration")
     train.add_argument(
-        "--config", required=True, help="experiment YAML, or a shipped name: xd, ucf, demo"
+        "--config",
+        required=True,
+        help="experiment YAML, or a shipped name: xd, ucf, xd_reference, ucf_reference, demo",
     )
     train.add_argument(
         "--restart",

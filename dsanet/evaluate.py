@@ -80,7 +80,7 @@ def predict_test(
 def test_metrics(
     predictions: list[tuple[np.ndarray, np.ndarray]], bundle: DataBundle, cfg: EvalConfig
 ) -> dict[str, float]:
-    """Frame AUC/AP of σ(ℓ1) and segment mAP of the class probabilities (spec §5)."""
+    """Frame AUC/AP of σ(ℓ1) and segment mAP of the class probabilities (DESIGN §5)."""
     return metrics.evaluate_videos(
         [p[0] for p in predictions],
         [p[1] for p in predictions],
