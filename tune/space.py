@@ -240,7 +240,11 @@ def _resolve_base(tree: Mapping[str, Any], overrides: Any) -> tuple[Any, dict, E
     ref = tree.get("base")
     file_overrides = dict(as_mapping(tree.get("overrides") or {}, "overrides"))
     if not isinstance(ref, (str, Mapping)) or not ref:
-        fail("base", "missing; name a dsanet config (xd, ucf, xd_reference, ucf_reference, demo), a path, or a mapping")
+        fail(
+            "base",
+            "missing; name a dsanet config (xd, ucf, xd_reference, ucf_reference, demo), a "
+            "path, or a mapping",
+        )
     try:
         base = from_dict(ref, "inline base") if isinstance(ref, Mapping) else load_config(ref)
     except (ConfigError, FileNotFoundError) as exc:
