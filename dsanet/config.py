@@ -333,10 +333,15 @@ def field_names() -> list[str]:
 
 def from_dict(tree: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
     """Build and validate a config from a nested dict; unknown keys and bad types raise."""
-    return validate(_build(ExperimentConfig, tree, source, prefix=""), source)
+    return validate(build(ExperimentConfig, tree, source), source)
 
 
-def _build(cls: type, tree: Mapping[str, Any], source: str, prefix: str) -> Any:
+def build(cls: type, tree: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+    """A frozen dataclass `cls` from a nested mapping: absent keys keep their defaults, nested
+    dataclasses recurse, values are coerced to the field types (int, float, str, bool, Literal,
+    tuple); an unknown key or a bad value raises a ConfigError naming `source` and the key path
+    (`prefix` + field). Range and cross-field rules are the caller's.
+    """
     if not isinstance(tree, Mapping):
         raise ConfigError(
             f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
@@ -357,7 +362,7 @@ def _build(cls: type, tree: Mapping[str, Any], source: str, prefix: str) -> Any:
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, tree[name] or {}, source, f"{prefix}{name}.")
+            kwargs[name] = build(hint, tree[name] or {}, source, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(tree[name], hint, f"{prefix}{name}", source)
     return cls(**kwargs)
@@ -503,12 +508,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             f"{path}: top level must be a mapping of sections "
             f"(data, model, text, loss, optim, train, eval)"
         )
-    data = tree.get("data")
-    if isinstance(data, dict):
-        for key in _PATH_FIELDS:
-            value = data.get(key)
-            if _relative_path(value):
-                data[key] = str((path.parent / value).resolve())
+    anchor_paths(tree.get("data"), path.parent)
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
@@ -527,6 +527,15 @@ def is_file(path: Path, error: type[Exception]) -> bool:
         return path.is_file()
     except OSError as exc:
         raise error(f"{brief(str(path))}: not a usable path ({exc.strerror}); fix it") from exc
+
+
+def anchor_paths(mapping: Any, folder: Path, prefix: str = "") -> None:
+    """Make the relative data paths of `mapping` (keys `prefix` + list_dir, feature_root, ...)
+    absolute, relative to `folder`: the folder of the file that names them."""
+    if isinstance(mapping, dict):
+        for key in (prefix + k for k in _PATH_FIELDS):
+            if _relative_path(mapping.get(key)):
+                mapping[key] = str((folder / mapping[key]).resolve())
 
 
 def _relative_path(value: Any) -> bool:

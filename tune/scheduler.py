@@ -18,7 +18,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from dsanet.errors import brief
 from tune.searcher import STEP_KEY
-from tune.space import SchedulerSpec, SpaceSpec
+from tune.space import SpaceSpec
+from tune.space_settings import SchedulerSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from tune.space import SearcherSpec, SpaceSpec, sample
+from tune.space import SpaceSpec, sample
+from tune.space_settings import SearcherSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from typing import Any
 import optuna
 
 from dsanet.config import (
-    _PATH_FIELDS,
+    EXTENDS_LIMIT,
     ConfigError,
     ExperimentConfig,
     _relative_path,
+    anchor_paths,
     from_dict,
     is_file,
     load_config,
@@ -29,43 +30,32 @@ from dsanet.errors import brief
 from dsanet.yamlio import load_yaml_file
 from tune.space_params import Param, distribution, parse_points, parse_search
 from tune.space_settings import (
-    CONCURRENT_LIMIT,
-    FAILURES_LIMIT,
-    TRIALS_LIMIT,
-    MlflowSpec,
-    ResourcesSpec,
-    SchedulerSpec,
-    SearcherSpec,
+    SETTINGS_KEYS,
+    Settings,
     SyntheticSpec,
-    parse_mlflow,
     parse_objectives,
-    parse_resources,
-    parse_scheduler,
-    parse_searcher,
-    parse_storage_path,
+    parse_settings,
     parse_synthetic,
 )
 from tune.space_values import (
     Problem,
     SpaceError,
     apply_overrides,
-    as_integer,
     as_mapping,
     check_keys,
     fail,
 )
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
-_TOP_KEYS = (
-    "name extends base overrides synthetic search metric mode searcher points_to_evaluate "
-    "scheduler num_samples max_concurrent max_failures resources mlflow storage_path"
-).split()
-EXTENDS_LIMIT = 16  # files in one `extends:` chain
+_TOP_KEYS = ("name", "extends", "base", "overrides", "synthetic", "search", "metric", "mode")
+_TOP_KEYS += ("points_to_evaluate", *SETTINGS_KEYS)
 NAME_LIMIT = 100  # characters of a study name (a folder name)
 
 
-@dataclass(frozen=True)
-class SpaceSpec:
+@dataclass(frozen=True, kw_only=True)
+class SpaceSpec(Settings):
+    """A validated space: its study settings, plus the base config and what is searched."""
+
     name: str
     path: Path
     base_ref: str | dict[str, Any]  # config name or path, or an inline config mapping
@@ -74,16 +64,8 @@ class SpaceSpec:
     params: tuple[Param, ...]  # parents before the parameters conditioned on them
     metric: tuple[str, ...]
     mode: tuple[str, ...]  # ASHA acts on the first objective
-    searcher: SearcherSpec
     points_to_evaluate: list[dict[str, Any]]
-    scheduler: SchedulerSpec
-    num_samples: int
-    max_concurrent: int
-    resources: ResourcesSpec
-    mlflow: MlflowSpec
-    storage_path: str  # absolute
     synthetic: SyntheticSpec | None = None
-    max_failures: int = 2  # Ray's retries of a failed trial, each from its last checkpoint
 
 
 # ---------------------------------------------------------------------------- public API
@@ -108,6 +90,8 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = 
         return _parse(tree, path, overrides)
     except Problem as problem:
         raise SpaceError(f"{path}: {problem}") from None  # the message carries any cause
+    except ConfigError as exc:  # a settings value of the wrong type; the message names the file
+        raise SpaceError(str(exc)) from None
 
 
 def optuna_distributions(spec: SpaceSpec) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -168,14 +152,8 @@ def _anchor(tree: dict[str, Any], folder: Path) -> None:
     base = tree.get("base")
     if _relative_path(base) and Path(base).suffix:
         tree["base"] = str((folder / base).resolve())
-    inline_data = base.get("data") if isinstance(base, dict) else None
-    for mapping, prefix in ((tree.get("overrides"), "data."), (inline_data, "")):
-        if not isinstance(mapping, dict):
-            continue
-        for key in (prefix + k for k in _PATH_FIELDS):
-            value = mapping.get(key)
-            if _relative_path(value):
-                mapping[key] = str((folder / value).resolve())
+    anchor_paths(tree.get("overrides"), folder, prefix="data.")
+    anchor_paths(base.get("data") if isinstance(base, dict) else None, folder)
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,15 +172,6 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
     check_keys(tree, _TOP_KEYS, "top level")
-    ref, file_overrides, base = _resolve_base(tree, overrides)
-    params = parse_search(tree.get("search"), base)
-    metric, mode = parse_objectives(tree.get("metric", "val_ap"), tree.get("mode"), base)
-    points = parse_points(tree.get("points_to_evaluate") or [], params, base)
-    num_samples = as_integer(
-        tree.get("num_samples", 20), "num_samples", minimum=1, maximum=TRIALS_LIMIT
-    )
-    if num_samples < len(points):
-        fail("num_samples", f"{num_samples} is fewer than the {len(points)} points_to_evaluate")
     name = tree.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         fail(
@@ -210,6 +179,16 @@ def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
         )
     if len(name) > NAME_LIMIT:
         fail("name", f"{brief(name)} is longer than {NAME_LIMIT} characters; shorten it")
+    ref, file_overrides, base = _resolve_base(tree, overrides)
+    params = parse_search(tree.get("search"), base)
+    metric, mode = parse_objectives(tree.get("metric", "val_ap"), tree.get("mode"), base)
+    points = parse_points(tree.get("points_to_evaluate") or [], params, base)
+    settings = parse_settings(tree, str(path), base, name)
+    if settings.num_samples < len(points):
+        fail(
+            "num_samples",
+            f"{settings.num_samples} is fewer than the {len(points)} points_to_evaluate",
+        )
     return SpaceSpec(
         name=name,
         path=path.resolve(),
@@ -219,20 +198,9 @@ def _parse(tree: dict[str, Any], path: Path, overrides: Any) -> SpaceSpec:
         params=params,
         metric=metric,
         mode=mode,
-        searcher=parse_searcher(tree.get("searcher") or {}),
         points_to_evaluate=points,
-        scheduler=parse_scheduler(tree.get("scheduler") or {}, base),
-        num_samples=num_samples,
-        max_concurrent=as_integer(
-            tree.get("max_concurrent", 1), "max_concurrent", minimum=1, maximum=CONCURRENT_LIMIT
-        ),
-        max_failures=as_integer(
-            tree.get("max_failures", 2), "max_failures", minimum=0, maximum=FAILURES_LIMIT
-        ),
-        resources=parse_resources(tree.get("resources") or {}, base),
-        mlflow=parse_mlflow(tree.get("mlflow") or {}, name),
-        storage_path=parse_storage_path(tree.get("storage_path", "studies")),
-        synthetic=parse_synthetic(tree.get("synthetic"), base),
+        synthetic=parse_synthetic(tree.get("synthetic"), str(path), base),
+        **vars(settings),
     )
 
 

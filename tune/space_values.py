@@ -86,13 +86,6 @@ def as_mapping(raw: Any, where: str) -> Mapping[str, Any]:
     return raw
 
 
-def settings_block(raw: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
-    """A settings block; a bare word is shorthand for {kind: word}."""
-    block = {"kind": raw} if isinstance(raw, str) and "kind" in keys else raw
-    check_keys(as_mapping(block, where), keys, where)
-    return block
-
-
 def as_number(value: Any, where: str, integer: bool = False) -> float:
     """A finite number (an integer within ±INT_LIMIT if `integer`); never a boolean."""
     if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
@@ -117,14 +110,3 @@ def _as_int(value: int | float, where: str) -> int:
     if abs(value) > INT_LIMIT:
         fail(where, f"{brief(value)} is out of range; integers here lie within ±{INT_LIMIT}")
     return int(value)
-
-
-def as_integer(
-    value: Any, where: str, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    number = as_number(value, where, integer=True)
-    if minimum is not None and number < minimum:
-        fail(where, f"{number} must be >= {minimum}")
-    if maximum is not None and number > maximum:
-        fail(where, f"{number} must be <= {maximum}; lower it")
-    return number

@@ -260,9 +260,13 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-searcher",
         {"searcher": {"kind": "cmaes"}},
-        r"searcher\.kind: unknown searcher 'cmaes'; use tpe",
+        r"searcher\.kind='cmaes' is not one of \['tpe', 'random'\]",
     ),
-    ("unknown-scheduler", {"scheduler": "hyperband"}, r"scheduler\.kind: unknown scheduler"),
+    (
+        "unknown-scheduler",
+        {"scheduler": "hyperband"},
+        r"scheduler\.kind='hyperband' is not one of \['asha', 'none'\]",
+    ),
     (
         "max-t-above-epochs",
         {"scheduler": {"kind": "asha", "max_t": 5}},
@@ -276,7 +280,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "reduction-factor-not-above-1",
         {"scheduler": {"reduction_factor": 1}},
-        r"scheduler\.reduction_factor: 1 must be > 1",
+        r"scheduler\.reduction_factor: 1\.0 must be > 1",
     ),
     (
         "unknown-top-level-key",
@@ -289,9 +293,17 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         r"search\.optim\.lr\.hihg: unknown key; did you mean 'high'",
     ),
     ("negative-max-failures", {"max_failures": -1}, r"max_failures: -1 must be >= 0"),
-    ("fractional-max-failures", {"max_failures": 1.5}, r"max_failures: 1\.5 is not an integer"),
-    ("negative-cpu", {"resources": {"cpu": -1}}, r"resources: cpu -1 and gpu 0"),
-    ("negative-gpu", {"resources": {"cpu": 1, "gpu": -0.5}}, r"resources: cpu 1 and gpu -0\.5"),
+    ("fractional-max-failures", {"max_failures": 1.5}, r"max_failures=1\.5 is not an integer"),
+    (
+        "negative-cpu",
+        {"resources": {"cpu": -1}},
+        r"resources\.cpu: -1\.0 per trial: use a share in \[0\.01, 1024\]",
+    ),
+    (
+        "negative-gpu",
+        {"resources": {"cpu": 1, "gpu": -0.5}},
+        r"resources\.gpu: -0\.5 per trial: use 0 or a share in \[0\.01, 64\]",
+    ),
     (
         "gpu-for-a-cpu-config",
         {"resources": {"cpu": 1, "gpu": 0.5}},
@@ -465,9 +477,17 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         r"search\.1: 1 is not an ExperimentConfig field",
     ),
     ("huge-num-samples", {"num_samples": 10**9}, r"num_samples: 1000000000 must be <= 100000"),
-    ("astronomic-num-samples", {"num_samples": 10**30}, r"num_samples: .* is out of range"),
-    ("bool-num-samples", {"num_samples": True}, r"num_samples: True is not a number"),
-    ("float-num-samples", {"num_samples": 1e300}, r"num_samples: .* is out of range"),
+    (
+        "astronomic-num-samples",
+        {"num_samples": 10**30},
+        r"num_samples=.* is not an integer within ±9223372036854775807",
+    ),
+    ("bool-num-samples", {"num_samples": True}, r"num_samples=True is not an integer"),
+    (
+        "float-num-samples",
+        {"num_samples": 1e300},
+        r"num_samples=.* is not an integer within ±9223372036854775807",
+    ),
     ("huge-max-concurrent", {"max_concurrent": 10**6}, r"max_concurrent: 1000000 must be <="),
     ("huge-max-failures", {"max_failures": 10**6}, r"max_failures: 1000000 must be <= 100"),
     (
@@ -478,7 +498,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "huge-searcher-seed",
         {"searcher": {"seed": 2**40}},
-        r"searcher\.seed: 1099511627776 is out of range",
+        r"searcher\.seed: 1099511627776 must be <= 2147483647",
     ),
     (
         "huge-startup-trials",
@@ -494,17 +514,17 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "reduction-factor-inf",
         {"scheduler": {"reduction_factor": float("inf")}},
-        r"scheduler\.reduction_factor: inf is not a finite number",
+        r"scheduler\.reduction_factor=inf is not a finite number",
     ),
     (
         "huge-max-t",
         {"scheduler": {"max_t": 10**20}},
-        r"scheduler\.max_t: 100000000000000000000 is out of range",
+        r"scheduler\.max_t=100000000000000000000 is not an integer within",
     ),
     (
         "huge-cpu",
         {"resources": {"cpu": 10**6}},
-        r"resources\.cpu: 1000000 per trial: use a share in \[0\.01, 1024\]",
+        r"resources\.cpu: 1000000\.0 per trial: use a share in \[0\.01, 1024\]",
     ),
     ("tiny-cpu", {"resources": {"cpu": 1e-300}}, r"resources\.cpu: 1e-300 per trial"),
     (
@@ -512,7 +532,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         {"resources": {"cpu": 1, "gpu": 5e-324}},
         r"resources\.gpu: 5e-324 per trial: use 0 or a share in \[0\.01, 64\]",
     ),
-    ("bool-gpu", {"resources": {"gpu": False}}, r"resources\.gpu: False is not a number"),
+    ("bool-gpu", {"resources": {"gpu": False}}, r"resources\.gpu=False is not a number"),
     (
         "too-many-points",
         {"num_samples": 200, "points_to_evaluate": ["base"] * 101},
@@ -532,14 +552,18 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "synthetic-preset-not-a-word",
         {"synthetic": {"preset": ["xd-mini"]}},
-        r"synthetic\.preset: \['xd-mini'\] is not a preset",
+        r"synthetic\.preset=\['xd-mini'\] is not a string",
     ),
     (
         "negative-synthetic-seed",
         {"synthetic": {"preset": "xd-mini", "seed": -3}},
         r"synthetic\.seed: -3 must be >= 0",
     ),
-    ("nul-in-storage-path", {"storage_path": "a\x00b"}, r"storage_path: 'a\\x00b' must be a"),
+    (
+        "nul-in-storage-path",
+        {"storage_path": "a\x00b"},
+        r"storage_path='a\\x00b' is not a string without NUL",
+    ),
     (
         "long-experiment-name",
         {"mlflow": {"experiment": "e" * 300}},
