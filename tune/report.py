@@ -19,9 +19,9 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from dsanet.config import ExperimentConfig, field_names
+from dsanet.config import ExperimentConfig
 from dsanet.metrics import frame_auc_ap, frame_scores
-from tune.space import SpaceSpec, trial_config
+from tune.space import SpaceSpec, sampled_values, trial_config
 from tune.tracking import PARENT, MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 def best_config(study: optuna.Study, spec: SpaceSpec) -> ExperimentConfig | None:
     """The base config with the best trial's searched values, or None before any completes."""
     trial = best_trial(study)
-    fields = set(field_names())
-    return (
-        None
-        if trial is None
-        else trial_config(spec, {k: v for k, v in trial.params.items() if k in fields})
-    )
+    return None if trial is None else trial_config(spec, sampled_values(trial.params))
 
 
 def write_trials_csv(study: optuna.Study, names: Sequence[str], path: Path) -> None:

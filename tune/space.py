@@ -38,6 +38,7 @@ from tune.space_settings import (
     parse_synthetic,
 )
 from tune.space_values import (
+    DEFAULTS,
     Problem,
     SpaceError,
     apply_overrides,
@@ -116,6 +117,19 @@ def sample(trial: optuna.Trial, spec: SpaceSpec) -> dict[str, Any]:
 
 def trial_config(spec: SpaceSpec, sampled: Mapping[str, Any]) -> ExperimentConfig:
     return spec.base.with_overrides(dict(sampled))
+
+
+def sampled_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The sampled fields of a trial's Ray config or Optuna params: the keys that name an
+    `ExperimentConfig` field (nested mappings read as dotted keys). The runner's own keys
+    (`_study`, `_optuna_trial`) and anything else are left out: the one filter of them."""
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            values.update(sampled_values(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" in DEFAULTS:
+            values[f"{prefix}{key}"] = value
+    return values
 
 
 # ---------------------------------------------------------------------------- files

@@ -21,11 +21,11 @@ from typing import Any
 from mlflow import MlflowClient
 from ray.tune import Callback
 
-from dsanet.config import ConfigError, field_names, flatten
+from dsanet.config import ConfigError, flatten
 from tune.mlflow_queue import PARENT, STATE_FILE, RunQueue, TrackingUnavailable, redact
 from tune.plan import PROTOCOL_NOTES
 from tune.searcher import ADOPTED_KEY
-from tune.space import SpaceSpec, trial_config
+from tune.space import SpaceSpec, sampled_values, trial_config
 
 __all__ = ["PARENT", "STATE_FILE", "MlflowTracker", "TrackingUnavailable", "RUN_STATUS"]
 
@@ -49,7 +49,6 @@ _RAY_KEYS = frozenset(
 )
 # Numbers a trainable may report that identify rather than measure: logged as tags.
 _TAG_KEYS = {"optuna_trial": "dsanet.optuna_trial"}
-_FIELDS = frozenset(field_names())
 _QUEUES: dict[Path, tuple[str, RunQueue]] = {}  # study folder -> (URI asked for, its queue)
 
 
@@ -290,7 +289,7 @@ class MlflowTracker(Callback):
 
     def _trial_params(self, trial: Any) -> dict[str, Any]:
         """The trial's whole resolved config: the base config with its sampled values."""
-        sampled = {k: v for k, v in _dotted(trial.config or {}).items() if k in _FIELDS}
+        sampled = sampled_values(trial.config or {})
         try:
             return flatten(trial_config(self.spec, sampled))
         except ConfigError as exc:
@@ -352,16 +351,6 @@ def _git_tags(folder: Path) -> dict[str, str]:
         return {}
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"mlflow.source.git.commit": commit, "dsanet.git_dirty": str(bool(dirty)).lower()}
-
-
-def _dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _error_line(trial: Any) -> str:

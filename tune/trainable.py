@@ -30,6 +30,7 @@ from dsanet.config import ConfigError, ExperimentConfig, from_dict
 from dsanet.yamlio import load_yaml_file
 from tune.links import link_atomic
 from tune.searcher import OPTUNA_KEY
+from tune.space import sampled_values
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,10 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def trial_config(config: dict[str, Any], study_dir: Path, out_dir: Path) -> ExperimentConfig:
-    """The study's base config with the sampled parameters (config keys without a '_')."""
+    """The study's base config with the sampled parameters of a Ray trial `config`."""
     base_file = study_dir / BASE_FILE
     base = from_dict(load_yaml_file(base_file, ConfigError), str(base_file))
-    sampled = {k: v for k, v in config.items() if not k.startswith("_")}
-    return base.with_overrides({**sampled, "train.out_dir": str(out_dir)})
+    return base.with_overrides({**sampled_values(config), "train.out_dir": str(out_dir)})
 
 
 class _Reporter:

@@ -18,6 +18,7 @@ from tune.space import (
     load_space,
     optuna_distributions,
     sample,
+    sampled_values,
     trial_config,
 )
 from tune.space_settings import reportable_metrics
@@ -839,6 +840,17 @@ def test_trial_config_applies_sampled_values(tmp_path: Path):
     flat, base = flatten(cfg), flatten(spec.base)
     assert all(flat[name] == value for name, value in values.items())
     assert all(flat[k] == v for k, v in base.items() if k not in values)
+
+
+def test_sampled_values_are_the_config_fields_of_a_trial():
+    config = {
+        "optim.lr": 1e-4,
+        "model": {"num_prototypes": 8},  # nested keys read as dotted ones
+        "_study": {"dir": "/studies/x", "max_t": 4},  # the runner's own keys
+        "_optuna_trial": 3,
+        "train.no_such_field": 1,
+    }
+    assert sampled_values(config) == {"optim.lr": 1e-4, "model.num_prototypes": 8}
 
 
 def test_sample_plugs_into_ray_optuna_search():
