@@ -23,6 +23,7 @@ from tune.searcher import (
     EPOCHS_ATTR,
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
+    SCHEDULER_ATTR,
     OptunaSearcher,
     open_study,
     selected_values,
@@ -169,6 +170,36 @@ def test_directions_of_a_stored_study_must_match(tmp_path):
     open_study(make_spec(tmp_path), tmp_path / "study")
     with pytest.raises(ValueError, match="directions"):
         open_study(make_spec(tmp_path, mode="min"), tmp_path / "study")
+
+
+@pytest.mark.parametrize(
+    "changed, needle",
+    [
+        ({"scheduler": {"kind": "asha", "max_t": MAX_T - 1}}, "max_t 3"),
+        (
+            {"scheduler": {"kind": "asha", "max_t": MAX_T, "reduction_factor": 3}},
+            "reduction_factor",
+        ),
+        ({"scheduler": {"kind": "none"}}, "kind 'asha'"),
+        ({"metric": "val_auc"}, "metric 'val_ap'"),
+    ],
+)
+def test_scheduler_settings_of_a_stored_study_must_match(tmp_path, changed, needle):
+    study = open_study(make_spec(tmp_path), tmp_path / "study")
+    pinned = study.user_attrs[SCHEDULER_ATTR]
+    assert pinned == {
+        "kind": "asha",
+        "metric": "val_ap",
+        "mode": "max",
+        "max_t": MAX_T,
+        "grace_period": 1,
+        "reduction_factor": 2.0,
+    }
+    with pytest.raises(ValueError, match="scheduler settings") as error:
+        open_study(make_spec(tmp_path, **changed), tmp_path / "study")
+    assert needle in str(error.value) and "--storage-path" in str(error.value)
+    again = open_study(make_spec(tmp_path), tmp_path / "study")  # the same settings: resumed
+    assert again.user_attrs[SCHEDULER_ATTR] == pinned
 
 
 # ---------------------------------------------------------------------------- ASHA
