@@ -180,11 +180,7 @@ def _check_stores(root: Path, spec: SpaceSpec) -> None:
         stores[Path(uri.removeprefix("sqlite:///")).expanduser()] = "the MLflow tracking store"
     from tune.mlflow_queue import STATE_FILE as QUEUE_FILE
     from tune.mlflow_queue import load_state
-    from tune.scheduler import STATE_FILE as RUNGS_FILE
-    from tune.scheduler import read_saved_rungs
 
-    if (root / RUNGS_FILE).exists():
-        read_saved_rungs(root / RUNGS_FILE)
     if (root / QUEUE_FILE).exists():
         load_state(root / QUEUE_FILE)
     for path, what in stores.items():

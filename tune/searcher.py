@@ -6,6 +6,9 @@ COMPLETE with its objective values at the epoch the trainer selects (the best ep
 selection metric, i.e. the `best.pt` weights); one that the scheduler stops earlier is told
 PRUNED; one that errors after Ray's retries is told FAIL. A trial interrupted with the driver is
 left RUNNING and carried on by `--resume` (or adopted by the next new trial when Ray lost it).
+
+The per-epoch records are also what ASHA's rungs are rebuilt from (`tune/scheduler.py`), so the
+study keeps the scheduler settings it started with and refuses other ones on a resume.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from dsanet.errors import brief
 from tune.space import SpaceSpec, sample
 from tune.space_settings import SearcherSpec
 
@@ -33,6 +37,7 @@ RAY_TRIAL_ATTR = "ray_trial_id"
 EPOCHS_ATTR = "epochs"  # {epoch: {"values": [one per objective], "select": selection metric}}
 POINTS_ATTR = "points_enqueued"
 SIZE_ATTR = "num_samples"  # the study's planned trial count, fixed when it starts
+SCHEDULER_ATTR = "scheduler"  # the scheduler settings, fixed when it starts (scheduler_settings)
 STEP_KEY = "training_iteration"  # epochs completed: one report per epoch, restored with checkpoints
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -63,9 +68,45 @@ def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
         )
     if SIZE_ATTR not in study.user_attrs:
         study.set_user_attr(SIZE_ATTR, spec.num_samples)
+    _pin_scheduler(study, spec, study_dir)
     # A resumed study must not replay the sampler's random stream from the start.
     study.sampler = make_sampler(spec.searcher, offset=len(study.trials))
     return study
+
+
+def scheduler_settings(spec: SpaceSpec) -> dict[str, Any]:
+    """What the study's PRUNED and COMPLETE states, and ASHA's rungs rebuilt from its epoch
+    records, depend on: the scheduler block and the objective ASHA ranks by."""
+    s = spec.scheduler
+    return {
+        "kind": s.kind,
+        "metric": spec.metric[0],
+        "mode": spec.mode[0],
+        "max_t": s.max_t,
+        "grace_period": s.grace_period,
+        "reduction_factor": s.reduction_factor,
+    }
+
+
+def _pin_scheduler(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> None:
+    """Record the scheduler settings when the study starts; refuse other ones on a resume."""
+    current = scheduler_settings(spec)
+    stored = study.user_attrs.get(SCHEDULER_ATTR)
+    if stored is not None and not isinstance(stored, dict):
+        stored = {}  # not a record of settings: every setting counts as changed
+    if stored is None:
+        study.set_user_attr(SCHEDULER_ATTR, current)
+        return
+    changed = sorted(k for k in current.keys() | stored.keys() if stored.get(k) != current.get(k))
+    if changed:
+        name = {k: k if k in current else brief(k) for k in changed}  # a foreign key is quoted
+        was = ", ".join(f"{name[k]} {brief(stored.get(k))}" for k in changed[:8])
+        now = ", ".join(f"{k} {current.get(k)!r}" for k in changed if k in current)
+        raise ValueError(
+            f"{Path(study_dir) / STUDY_DB}: study {spec.name!r} was started with scheduler "
+            f"settings {was}; the space now gives {now}. Resume with the study's original "
+            f"scheduler settings, or use another --storage-path"
+        )
 
 
 def planned_trials(study_dir: Path, name: str) -> int | None:

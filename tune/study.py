@@ -2,8 +2,9 @@
 
 Everything that can be wrong with a space, its data or the study folder is found before Ray
 starts and printed as one `error: ...` (exit 2). A study lives in `<storage>/<name>/`: the Optuna
-database, ASHA's rungs, the resolved base config, the trials' folders, Ray's experiment (`ray/`)
-and, by default, MLflow's database. `--resume` continues it after any interruption.
+database (ASHA's rungs are rebuilt from it), the resolved base config, the trials' folders,
+Ray's experiment (`ray/`) and, by default, MLflow's database. `--resume` continues it after any
+interruption.
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ def _open_and_search(plan: Plan) -> int:
     from tune.searcher import OptunaSearcher, open_study
     from tune.tracking import MlflowTracker
 
-    try:  # the last checks: the tracking server, then Optuna's and ASHA's saved state
+    try:  # the last checks: the tracking server, then the Optuna study and its settings
         tracker = MlflowTracker(plan.root, plan.spec, plan.tracking_uri)
         study = open_study(plan.spec, plan.root)
-        scheduler = build_scheduler(plan.spec, plan.root)
+        scheduler = build_scheduler(plan.spec, study)  # ASHA's rungs from the study's trials
     except (*_ERRORS, ConnectionError) as exc:
         return _error(exc)
     searcher = OptunaSearcher(plan.spec, plan.root, pruned=getattr(scheduler, "pruned", None))
@@ -277,7 +278,7 @@ def _use_this_run(
     """Make a restored Tuner use this run's searcher, scheduler, tracker and progress table.
 
     Tuner.restore runs with the TuneConfig and RunConfig pickled when the study first started:
-    a scheduler without the rungs reloaded here and an MLflow tracker whose parent run this
+    a scheduler without the rungs rebuilt here and an MLflow tracker whose parent run this
     process did not open. Ray has no public way to replace them, hence the private fields.
     """
     internal = tuner._local_tuner

@@ -77,13 +77,30 @@ def load_study(root: Path, name: str = "t") -> Any:
 
 
 def study_trials(root: Path, name: str = "t") -> list[Any]:
-    """The study's trials, or [] before its database exists."""
-    if not (root / "optuna.db").is_file():
+    """The study's trials, or [] before the driver has made its database.
+
+    Opening the store before the driver has stamped its schema version would make Optuna stamp
+    it from here too, and one of the two processes fails on the duplicate version row.
+    """
+    if not _schema_stamped(root / "optuna.db"):
         return []
     try:
         return load_study(root, name).get_trials(deepcopy=False)
     except KeyError:  # the study row is not written yet
         return []
+
+
+def _schema_stamped(path: Path) -> bool:
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT version_num FROM alembic_version").fetchone() is not None
+    except sqlite3.Error:  # no table yet, or the driver holds the write lock
+        return False
 
 
 def reports(root: Path, trial_id: str) -> list[dict[str, Any]]:

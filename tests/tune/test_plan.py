@@ -123,7 +123,6 @@ def test_a_broken_base_config_in_the_study_folder(tmp_path, xd_small, capsys, te
 
 
 DAMAGED = {
-    "asha_state.json": b'{"rungs": [{"milestone": 1}], "pruned": 3}',
     "mlflow_state.json": b"\xff\xfe not json",
     "data/synth.json": b"[1, 2]",
 }

@@ -1,28 +1,25 @@
-"""The Optuna searcher and the persistent ASHA, driven the way Ray drives them (no Ray runtime).
+"""The Optuna searcher, driven the way Ray drives it (no Ray runtime).
 
 What Optuna is told: COMPLETE at max_t with the selected epoch's values, PRUNED when ASHA
 stopped the trial, FAIL on error, nothing for an interrupted trial; each epoch recorded once;
-starting points enqueued once per study; orphaned trials adopted after a driver crash.
+starting points enqueued once per study; orphaned trials adopted after a driver crash; the
+directions and scheduler settings a study started with are kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from optuna.trial import TrialState
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray_fixtures import MAX_T, write_space
 
-from tune.scheduler import STATE_FILE, PersistentASHA, build_scheduler
 from tune.searcher import (
     ADOPTED_KEY,
     EPOCHS_ATTR,
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
+    SCHEDULER_ATTR,
     OptunaSearcher,
     open_study,
     selected_values,
@@ -171,49 +168,31 @@ def test_directions_of_a_stored_study_must_match(tmp_path):
         open_study(make_spec(tmp_path, mode="min"), tmp_path / "study")
 
 
-# ---------------------------------------------------------------------------- ASHA
-
-
-def asha(tmp_path: Path, max_t: int = 4) -> PersistentASHA:
-    return PersistentASHA(tmp_path / STATE_FILE, "val_ap", "max", max_t, 1, 2.0)
-
-
-def feed(scheduler: PersistentASHA, trial_id: str, scores: list[float]) -> list[str]:
-    trial = SimpleNamespace(trial_id=trial_id)
-    scheduler.on_trial_add(None, trial)
-    decisions = []
-    for epoch, score in enumerate(scores, start=1):
-        decisions.append(scheduler.on_trial_result(None, trial, result(epoch, score, score)))
-        if decisions[-1] == TrialScheduler.STOP:
-            scheduler.on_trial_complete(None, trial, result(epoch, score, score))
-            break
-    return decisions
-
-
-def test_asha_rungs_and_pruned_trials_survive_a_restart(tmp_path):
-    first = asha(tmp_path)
-    assert feed(first, "good", [0.9, 0.9, 0.9, 0.9])[-1] == TrialScheduler.STOP  # max_t
-    assert feed(first, "bad", [0.1]) == [TrialScheduler.STOP]
-    assert first.pruned("bad") and not first.pruned("good")
-    saved = json.loads((tmp_path / STATE_FILE).read_text())
-    assert saved["pruned"] == ["bad"]
-    second = asha(tmp_path)  # a new driver after a crash
-    assert second.rungs() == first.rungs()
-    assert second.pruned("bad")
-    # A replayed result of a pruned trial is stopped again; a new trial meets the old rungs.
-    assert second.on_trial_result(None, SimpleNamespace(trial_id="bad"), result(2, 0.95, 0.95)) == (
-        TrialScheduler.STOP
-    )
-    assert feed(second, "late", [0.2]) == [TrialScheduler.STOP]
-
-
-def test_asha_state_of_other_settings_is_refused(tmp_path):
-    feed(asha(tmp_path), "a", [0.5])
-    with pytest.raises(ValueError, match="rungs at"):
-        asha(tmp_path, max_t=8)
-
-
-def test_scheduler_none_is_fifo(tmp_path):
-    spec = make_spec(tmp_path, scheduler={"kind": "none"})
-    assert isinstance(build_scheduler(spec, tmp_path), FIFOScheduler)
-    assert dataclasses.replace(spec.scheduler).max_t == spec.base.train.epochs
+@pytest.mark.parametrize(
+    "changed, needle",
+    [
+        ({"scheduler": {"kind": "asha", "max_t": MAX_T - 1}}, "max_t 3"),
+        (
+            {"scheduler": {"kind": "asha", "max_t": MAX_T, "reduction_factor": 3}},
+            "reduction_factor",
+        ),
+        ({"scheduler": {"kind": "none"}}, "kind 'asha'"),
+        ({"metric": "val_auc"}, "metric 'val_ap'"),
+    ],
+)
+def test_scheduler_settings_of_a_stored_study_must_match(tmp_path, changed, needle):
+    study = open_study(make_spec(tmp_path), tmp_path / "study")
+    pinned = study.user_attrs[SCHEDULER_ATTR]
+    assert pinned == {
+        "kind": "asha",
+        "metric": "val_ap",
+        "mode": "max",
+        "max_t": MAX_T,
+        "grace_period": 1,
+        "reduction_factor": 2.0,
+    }
+    with pytest.raises(ValueError, match="scheduler settings") as error:
+        open_study(make_spec(tmp_path, **changed), tmp_path / "study")
+    assert needle in str(error.value) and "--storage-path" in str(error.value)
+    again = open_study(make_spec(tmp_path), tmp_path / "study")  # the same settings: resumed
+    assert again.user_attrs[SCHEDULER_ATTR] == pinned

@@ -41,6 +41,46 @@ def epochs_of(trial) -> list[int]:
     return sorted(int(step) for step in trial.user_attrs.get("epochs", {}))
 
 
+def rebuilt_asha(space: Path, root: Path):
+    """ASHA as a driver resuming the study in `root` builds it: from the Optuna study."""
+    from ray_fixtures import load_study
+
+    from tune.scheduler import build_scheduler
+    from tune.space import load_space
+
+    return build_scheduler(load_space(str(space)), load_study(root))
+
+
+def assert_asha_replays(space: Path, root: Path) -> None:
+    """With one trial at a time, ASHA's decisions follow from the trials' epochs in the order
+    they ran: a fresh scheduler fed them the way Ray did stops exactly the PRUNED trials, at
+    their last epoch, and ends with the rungs that a scheduler rebuilt from Optuna holds."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.scheduler import PersistentASHA
+    from tune.space import load_space
+
+    spec, trials = load_space(str(space)), study_trials(root)
+    s = spec.scheduler
+    live = PersistentASHA(spec.metric[0], spec.mode[0], s.max_t, s.grace_period, s.reduction_factor)
+    for t in sorted(trials, key=lambda t: t.number):
+        trial = Trial("run_trial", trial_id=t.user_attrs["ray_trial_id"], stub=True)
+        live.on_trial_add(None, trial)
+        records = t.user_attrs["epochs"]
+        for epoch in epochs_of(t):
+            result = {"training_iteration": epoch, spec.metric[0]: records[str(epoch)]["values"][0]}
+            if live.on_trial_result(None, trial, result) == TrialScheduler.STOP:
+                live.on_trial_complete(None, trial, result)
+                assert epoch == epochs_of(t)[-1], (t.number, epoch)  # stopped where it ended
+                break
+        assert live.pruned(trial.trial_id) == (t.state == TrialState.PRUNED), t.number
+    rebuilt = rebuilt_asha(space, root)
+    assert rebuilt.rungs() == live.rungs()
+    for t in trials:
+        assert rebuilt.pruned(t.user_attrs["ray_trial_id"]) == (t.state == TrialState.PRUNED)
+
+
 def assert_mlflow_matches(root: Path, trials: list) -> None:
     """One finished MLflow run per trial, holding each of its epochs exactly once. A run is
     found by the Ray trial that last ran it (an adopted trial continues its predecessor's)."""
@@ -169,11 +209,10 @@ def test_asha_stops_are_pruned_in_optuna(tmp_path, xd_small, local_ray):
     assert run(space) == 0
     root = tmp_path / "studies" / "t"
     trials = study_trials(root)
-    asha = json.loads((root / "asha_state.json").read_text())
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(trials) == 4 and pruned and complete and len(pruned) + len(complete) == 4
-    assert {t.user_attrs["ray_trial_id"] for t in pruned} == set(asha["pruned"])
+    assert_asha_replays(space, root)  # PRUNED = stopped by ASHA, at the epoch it stopped
     for t in pruned:
         assert 1 <= len(t.intermediate_values) < MAX_T  # stopped at a rung
     for t in complete:
@@ -219,14 +258,12 @@ def test_multi_objective_prunes_on_the_first_and_fronts_complete_trials(
     assert run(space) == 0
     root = tmp_path / "studies" / "t"
     trials = study_trials(root)
-    asha = json.loads((root / "asha_state.json").read_text())
-    assert asha["metric"] == "val_ap"
-    assert {t.user_attrs["ray_trial_id"] for t in trials if t.state == TrialState.PRUNED} == set(
-        asha["pruned"]
-    )
-    assert all(t.state in FINISHED for t in trials) and asha["pruned"]
     from ray_fixtures import load_study
 
+    assert load_study(root).user_attrs["scheduler"]["metric"] == "val_ap"
+    assert_asha_replays(space, root)  # ASHA ranked by val_ap alone, and pruned what it stopped
+    assert all(t.state in FINISHED for t in trials)
+    assert any(t.state == TrialState.PRUNED for t in trials)
     front = load_study(root).best_trials
     assert front and all(t.state == TrialState.COMPLETE for t in front)
     for t in (t for t in trials if t.state == TrialState.COMPLETE):
@@ -262,9 +299,9 @@ def test_sigkill_mid_trial_then_resume_loses_and_repeats_nothing(tmp_path, xd_sm
 
     try:
         wait_for(one_done_one_mid, proc, timeout=300)
-        asha_before = json.loads((root / "asha_state.json").read_text())
     finally:
         kill_study(proc)
+    asha_before = rebuilt_asha(space, root)  # what the resumed driver starts from
     resumed = start_study(
         ["--space", str(space), "--final-seeds", "0", "--resume"], tmp_path / "2.log", ray_tmp
     )
@@ -291,10 +328,18 @@ def test_sigkill_mid_trial_then_resume_loses_and_repeats_nothing(tmp_path, xd_sm
     restarts = [line["resumed_at"] for line in lines if line["resumed_at"] > 0]
     seen = len(mid["trial"].intermediate_values)  # Ray may have saved one more before the kill
     assert len(restarts) == 1 and restarts[0] in (seen, seen + 1)  # from its checkpoint
-    asha_after = json.loads((root / "asha_state.json").read_text())
-    for rung_before, rung_after in zip(asha_before["rungs"], asha_after["rungs"], strict=True):
-        assert rung_before["recorded"].items() <= rung_after["recorded"].items()
-    assert set(asha_before["pruned"]) <= set(asha_after["pruned"])
+    # The resumed driver held the rungs of the killed one, and kept every record of them.
+    records = sum(len(recorded) for _, recorded in asha_before.rungs())
+    assert records and f"Optuna study: {records} records" in (tmp_path / "2.log").read_text()
+    asha_after = rebuilt_asha(space, root)
+    for (m_before, before), (m_after, after) in zip(
+        asha_before.rungs(), asha_after.rungs(), strict=True
+    ):
+        assert m_before == m_after and before.items() <= after.items()
+    for t in trials:
+        ray_id = t.user_attrs["ray_trial_id"]
+        assert asha_after.pruned(ray_id) == (t.state == TrialState.PRUNED)
+        assert not asha_before.pruned(ray_id) or asha_after.pruned(ray_id)
     assert_mlflow_matches(root, trials)
 
 
