@@ -4,12 +4,15 @@ Ray starts; the synthetic data and the shared feature cache are built here too."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import socket
+import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,49 +174,75 @@ _STORE_TABLES = {
 def _check_stores(root: Path, spec: SpaceSpec) -> None:
     """An existing Optuna or MLflow SQLite store must be one of ours; it is opened read-only, so
     a dry run writes nothing and a foreign file is never changed."""
+    from tune.mlflow_queue import STATE_FILE as QUEUE_FILE
+    from tune.mlflow_queue import load_state
     from tune.searcher import STUDY_DB
 
-    fix = "move the file away, or choose another name or --storage-path"
+    if (root / QUEUE_FILE).exists():
+        load_state(root / QUEUE_FILE)
     stores = {root / STUDY_DB: "the Optuna study"}
     uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
     if uri.startswith("sqlite:///"):
         stores[Path(uri.removeprefix("sqlite:///")).expanduser()] = "the MLflow tracking store"
-    from tune.mlflow_queue import STATE_FILE as QUEUE_FILE
-    from tune.mlflow_queue import load_state
-
-    if (root / QUEUE_FILE).exists():
-        load_state(root / QUEUE_FILE)
     for path, what in stores.items():
         if not path.exists():
             continue
-        tables = sqlite_tables(path, fix)
+        with _read_only(path) as db:
+            tables = {name for (name,) in db.execute(_TABLES).fetchall()}
         missing = sorted(_STORE_TABLES[what] - tables)
         if tables and missing:  # no table at all: an empty store its program fills in
             raise ValueError(
                 f"{path} is an SQLite database, but not {what} (no table {', '.join(missing)}): "
-                f"another program's file? {fix}"
+                f"another program's file? {_STORE_FIX}"
             )
 
 
-def sqlite_tables(path: Path, fix: str) -> set[str]:
-    """The table names of the SQLite file `path`, read without any write to it."""
-    import sqlite3
-    from contextlib import closing
+_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+_STORE_FIX = "move the file away, or choose another name or --storage-path"
 
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to the SQLite file `path` that cannot write; any failure is one error."""
     if not path.is_file():
-        raise ValueError(f"{path} is not a file; {fix}")
+        raise ValueError(f"{path} is not a file; {_STORE_FIX}")
     try:
-        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            yield db
     except sqlite3.Error as exc:
-        raise ValueError(f"{path} is not a readable SQLite database ({exc}); {fix}") from exc
-    return {name for (name,) in rows}
+        raise ValueError(f"{path} is not a readable SQLite database ({exc}); {_STORE_FIX}") from exc
+
+
+def planned_trials(study_dir: Path, name: str) -> int | None:
+    """How many trials the study `name` in `study_dir` was started with (None: no study yet).
+
+    Read with plain SQL on a read-only connection: Optuna's storage creates its tables when it
+    opens a file, and a dry run must not write.
+    """
+    from tune.searcher import SIZE_ATTR, STUDY_DB
+
+    path = Path(study_dir) / STUDY_DB
+    if not path.is_file():
+        return None
+    with _read_only(path) as db:
+        if "study_user_attributes" not in {n for (n,) in db.execute(_TABLES).fetchall()}:
+            return None  # an empty store: Optuna has not made its tables yet
+        row = db.execute(
+            "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
+            "ON a.study_id = s.study_id WHERE s.study_name = ? AND a.key = ?",
+            (name, SIZE_ATTR),
+        ).fetchone()
+    try:
+        size = json.loads(row[0]) if row else None
+    except ValueError:
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _study_size(spec: SpaceSpec, root: Path, requested: int | None) -> int:
     """The number of trials: fixed by the study once it started, else the space's or -n's."""
-    from tune.searcher import planned_trials
-
     if requested is not None and not 1 <= requested <= TRIALS_LIMIT:
         raise ValueError(
             f"--num-samples {requested}: give 1 to {TRIALS_LIMIT} trials, or leave it out to "

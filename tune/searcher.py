@@ -109,41 +109,6 @@ def _pin_scheduler(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> Non
         )
 
 
-def planned_trials(study_dir: Path, name: str) -> int | None:
-    """How many trials the study `name` in `study_dir` was started with (None: no study yet).
-
-    Read with plain SQL on a read-only connection: Optuna's storage creates its tables when it
-    opens a file, and a dry run must not write.
-    """
-    import sqlite3
-    from contextlib import closing
-
-    path = Path(study_dir) / STUDY_DB
-    if not path.is_file():
-        return None
-    query = (
-        "SELECT a.value_json FROM study_user_attributes a JOIN studies s "
-        "ON a.study_id = s.study_id WHERE s.study_name = ? AND a.key = ?"
-    )
-    try:
-        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            row = db.execute(query, (name, SIZE_ATTR)).fetchone()
-    except sqlite3.Error as exc:
-        if "no such table" in str(exc):  # an empty store: Optuna has not made its tables yet
-            return None
-        raise ValueError(
-            f"{path} cannot be read as an Optuna study ({exc}); move it away, or choose "
-            f"another name or --storage-path"
-        ) from exc
-    if row is None:
-        return None
-    try:
-        size = json.loads(row[0])
-    except ValueError:
-        return None
-    return size if isinstance(size, int) and size > 0 else None
-
-
 def make_sampler(searcher: SearcherSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = searcher.seed + offset
     if searcher.kind == "random":

@@ -12,7 +12,8 @@ import ray
 from conftest import one_error
 from ray_fixtures import write_space
 
-from tune.searcher import SIZE_ATTR, planned_trials
+from tune.plan import planned_trials
+from tune.searcher import SIZE_ATTR
 from tune.study import main
 
 
