@@ -89,10 +89,10 @@ class TestInputs:
     annotation: dict[str, list[tuple[int, int]]]
 
 
-def read_test_inputs(cfg: DataConfig) -> TestInputs:
+def read_test_inputs(cfg: DataConfig, spec: DatasetSpec | None = None) -> TestInputs:
     """The test list, gt files and annotation, checked against each other; the feature files
     are only looked up. A search checks these before its trials, which never read the test set."""
-    spec = load_spec(cfg.dataset)
+    spec = spec or load_spec(cfg.dataset)
     list_dir, _, test_root, _ = resolve_paths(cfg, spec)
     videos = read_list(list_dir / spec.test_list, test_root, spec)
     gt_segments, gt_labels = load_gt_segments(list_dir, spec, len(videos))
@@ -118,7 +118,7 @@ def load_data(cfg: DataConfig, length: int, width: int, test: bool = True) -> Da
     spec = load_spec(cfg.dataset)
     list_dir, root, _, cache = resolve_paths(cfg, spec)
     train_list = read_list(list_dir / spec.train_list, root, spec)
-    test_inputs = read_test_inputs(cfg) if test else None  # checked before any packing
+    test_inputs = read_test_inputs(cfg, spec) if test else None  # checked before any packing
     train = open_train(cache, train_list, length, width)
     if cfg.protocol != "validation":
         train_rows = np.arange(len(train_list))
