@@ -30,7 +30,7 @@ from tune.space_settings import SchedulerSpec
 log = logging.getLogger(__name__)
 
 
-class PersistentASHA(AsyncHyperBandScheduler):
+class StudyASHA(AsyncHyperBandScheduler):
     """Single-bracket ASHA over epochs (`training_iteration`) on the first objective, its rungs
     and stopped trials rebuilt from the study's trials (`history`)."""
 
@@ -122,7 +122,7 @@ def build_scheduler(spec: SpaceSpec, study: optuna.Study | None = None) -> Trial
     s = spec.scheduler
     if s.kind == "none":
         return FIFOScheduler()
-    return PersistentASHA(
+    return StudyASHA(
         metric=spec.metric[0],
         mode=spec.mode[0],
         max_t=s.max_t,

@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray_fixtures import MAX_T, write_space
 
-from tune.scheduler import PersistentASHA, build_scheduler, rung_epochs
+from tune.scheduler import StudyASHA, build_scheduler, rung_epochs
 from tune.searcher import RAY_TRIAL_ATTR, OptunaSearcher
 from tune.space import load_space
 
@@ -37,7 +37,7 @@ def result(epoch: int, value: float) -> dict:
 class Driver:
     """Ray's controller calls, for one searcher and one scheduler sharing the trials."""
 
-    def __init__(self, searcher: OptunaSearcher, scheduler: PersistentASHA) -> None:
+    def __init__(self, searcher: OptunaSearcher, scheduler: StudyASHA) -> None:
         self.searcher, self.scheduler = searcher, scheduler
         self.trials: dict[str, Trial] = {}
 
@@ -66,9 +66,9 @@ class Driver:
         self.searcher.on_trial_complete(trial_id, error=True)
 
 
-def asha_of(spec, history=()) -> PersistentASHA:
+def asha_of(spec, history=()) -> StudyASHA:
     s = spec.scheduler
-    return PersistentASHA(
+    return StudyASHA(
         spec.metric[0], spec.mode[0], s.max_t, s.grace_period, s.reduction_factor, history
     )
 

@@ -58,12 +58,12 @@ def assert_asha_replays(space: Path, root: Path) -> None:
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from tune.scheduler import PersistentASHA
+    from tune.scheduler import StudyASHA
     from tune.space import load_space
 
     spec, trials = load_space(str(space)), study_trials(root)
     s = spec.scheduler
-    live = PersistentASHA(spec.metric[0], spec.mode[0], s.max_t, s.grace_period, s.reduction_factor)
+    live = StudyASHA(spec.metric[0], spec.mode[0], s.max_t, s.grace_period, s.reduction_factor)
     for t in sorted(trials, key=lambda t: t.number):
         trial = Trial("run_trial", trial_id=t.user_attrs["ray_trial_id"], stub=True)
         live.on_trial_add(None, trial)
