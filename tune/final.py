@@ -1,5 +1,6 @@
 """Final stage: retrain the best config from scratch on every training video with N seeds,
-test each model once, and report mean ± std to the study's parent MLflow run.
+test each model once, and write mean ± std to `final/summary.json` (the MLflow view shows it on
+the study's parent run, and each seed as a nested run).
 
 Seeds run as Ray tasks with the space's per-trial resources when Ray is initialised, else one
 after another in this process. A seed whose `result.json` exists is not trained again.
@@ -12,16 +13,15 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from dsanet.config import ExperimentConfig, flatten
+from dsanet.config import ExperimentConfig
 from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
 from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 from tune.report import write_best_trial_artifacts
 from tune.space import SpaceSpec
-from tune.tracking import PARENT, TAG_STAGE, MlflowTracker
+from tune.tracking import MlflowView
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,21 @@ def run_final_stage(
     spec: SpaceSpec,
     best_config: ExperimentConfig,
     study_dir: Path,
-    tracker: MlflowTracker,
+    view: MlflowView,
     seeds: int = 3,
 ) -> dict[str, float]:
-    """Retrain, test, log a nested run per seed (tag dsanet.stage=final) and the summary
-    (`final_<metric>_mean`, `final_<metric>_std`, sample std over seeds) to the parent."""
+    """Retrain and test; the summary (`final_<metric>_mean`, `final_<metric>_std`, sample std
+    over seeds) goes to `final/summary.json`, the test plots of the first seed to
+    `report/best/`, and MLflow shows them."""
     configs = final_configs(best_config, study_dir, seeds)
     results = train_seeds(configs, spec)
-    for seed, cfg in configs.items():
-        _log_seed(tracker, seed, cfg, results[seed])
     summary = summarize([results[s]["test"] for s in configs])
-    stamp = max(_result_stamp(cfg) for cfg in configs.values())  # a replay logs nothing twice
-    tags = {"dsanet.final_seeds": str(list(configs))}
-    tracker.log(PARENT, metrics=summary, tags=tags, timestamp_ms=stamp)
-    folder = Path(study_dir) / "final"
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    first = Path(configs[min(configs)].train.out_dir)
-    write_best_trial_artifacts(first, tracker, study_dir)
+    path, text = Path(study_dir) / "final" / "summary.json", json.dumps(summary, indent=1)
+    if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
+        path.write_text(text)
+    write_best_trial_artifacts(Path(configs[min(configs)].train.out_dir), study_dir)
     print(format_table({s: results[s]["test"] for s in configs}, summary))
-    tracker.flush()
+    view.sync()
     return summary
 
 
@@ -137,28 +133,3 @@ def format_table(tests: Mapping[int, Mapping[str, float]], summary: Mapping[str,
     ]
     lines.append(f"{'mean ± std':>10}" + "".join(f"{c:>20}" for c in cells))
     return "\n".join(lines)
-
-
-def _log_seed(tracker: MlflowTracker, seed: int, cfg: ExperimentConfig, result: dict) -> None:
-    """A nested run: config params, per-epoch losses (step = epoch), test metrics, files."""
-    key = f"final/seed_{seed}"
-    if tracker.status_of(key) == "FINISHED":
-        return
-    tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
-    tracker.open_run(key, f"final-seed-{seed}", flatten(cfg), tags)
-    out, stamp = Path(cfg.train.out_dir), _result_stamp(cfg)
-    for record in result.get("history", []):
-        epoch = int(record["epoch"])
-        metrics: dict[str, Any] = {k: v for k, v in record.items() if k != "epoch"}
-        tracker.log(key, metrics, step=epoch, timestamp_ms=stamp)
-    tests = {f"test_{k}": v for k, v in result.get("test", {}).items()}
-    tracker.log(key, tests, step=0, timestamp_ms=stamp)
-    for name in ("config.yaml", RESULT, BEST):
-        if (out / name).is_file():  # a seed trained by an older version has no best.pt
-            tracker.log_artifact(key, out / name)
-    tracker.close_run(key, "FINISHED")
-
-
-def _result_stamp(cfg: ExperimentConfig) -> int:
-    """When the seed's result.json was written (ms): the fixed timestamp of what it logs."""
-    return int((Path(cfg.train.out_dir) / RESULT).stat().st_mtime * 1000)

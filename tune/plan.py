@@ -174,12 +174,8 @@ _STORE_TABLES = {
 def _check_stores(root: Path, spec: SpaceSpec) -> None:
     """An existing Optuna or MLflow SQLite store must be one of ours; it is opened read-only, so
     a dry run writes nothing and a foreign file is never changed."""
-    from tune.mlflow_queue import STATE_FILE as QUEUE_FILE
-    from tune.mlflow_queue import load_state
     from tune.searcher import STUDY_DB
 
-    if (root / QUEUE_FILE).exists():
-        load_state(root / QUEUE_FILE)
     stores = {root / STUDY_DB: "the Optuna study"}
     uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
     if uri.startswith("sqlite:///"):

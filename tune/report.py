@@ -1,7 +1,7 @@
 """Report artifacts of a study: search plots and tables, and test-set plots of the best model.
 
-Files are written under `<study_dir>/report/study/` and `<study_dir>/report/best/`, then logged
-to the study's parent MLflow run under `study/` and `best/`.
+Files are written under `<study_dir>/report/study/` and `<study_dir>/report/best/`; the MLflow
+view logs them to the study's parent run under `study/` and `best/`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from optuna.trial import FrozenTrial, TrialState
 from dsanet.config import ExperimentConfig
 from dsanet.metrics import frame_auc_ap, frame_scores
 from tune.space import SpaceSpec, sampled_values, trial_config
-from tune.tracking import PARENT, MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,13 @@ Target = Callable[[FrozenTrial], float] | None
 # ---------------------------------------------------------------------------- the search
 
 
-def write_study_artifacts(study: optuna.Study, tracker: MlflowTracker, study_dir: Path) -> None:
+def write_study_artifacts(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> Path:
     """History, parameter importance and parallel coordinates per objective (PNG), every trial
-    (trials.csv) and the best config (best_config.yaml); logged to the parent under `study/`."""
+    (trials.csv) and the best config (best_config.yaml), in `report/study/`."""
     folder = _folder(study_dir, "study")
-    names = objective_names(study, tracker.spec)
+    names = objective_names(study, spec)
     write_trials_csv(study, names, folder / "trials.csv")
-    best = best_config(study, tracker.spec)
+    best = best_config(study, spec)
     if best is None:
         log.info("report: no complete trial yet, so no best_config.yaml")
     else:
@@ -49,7 +48,7 @@ def write_study_artifacts(study: optuna.Study, tracker: MlflowTracker, study_dir
         _optuna_plot("plot_optimization_history", study, target, name, folder / f"history{suffix}")
         _optuna_plot("plot_parallel_coordinate", study, target, name, folder / f"parallel{suffix}")
         _importance(study, target, name, folder / f"importance{suffix}")
-    tracker.log_artifact(PARENT, folder, "study")
+    return folder
 
 
 def objective_names(study: optuna.Study, spec: SpaceSpec) -> list[str]:
@@ -138,9 +137,7 @@ def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> 
 # ---------------------------------------------------------------------------- the best model
 
 
-def write_best_trial_artifacts(
-    model_dir: Path, tracker: MlflowTracker, study_dir: Path, num_videos: int = 4
-) -> Path:
+def write_best_trial_artifacts(model_dir: Path, study_dir: Path, num_videos: int = 4) -> Path:
     """Test-set plots of the model saved in `model_dir` (a fit's run folder), under `best/`.
 
     videos.png: σ(ℓ1) per frame against the ground truth for `num_videos` test videos, about
@@ -165,7 +162,6 @@ def write_best_trial_artifacts(
     _compare_with_result(metrics, Path(model_dir))
     described = {"model": shown, "seed": cfg.train.seed, "protocol": cfg.data.protocol}
     (folder / "metrics.json").write_text(json.dumps({**described, **metrics}, indent=1))
-    tracker.log_artifact(PARENT, folder, "best")
     return folder
 
 

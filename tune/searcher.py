@@ -5,7 +5,8 @@ one intermediate value per epoch, and how it ended. A trial that reaches `max_t`
 COMPLETE with its objective values at the epoch the trainer selects (the best epoch of its
 selection metric, i.e. the `best.pt` weights); one that the scheduler stops earlier is told
 PRUNED; one that errors after Ray's retries is told FAIL. A trial interrupted with the driver is
-left RUNNING and carried on by `--resume` (or adopted by the next new trial when Ray lost it).
+left RUNNING and carried on by `--resume` (or adopted by the next new trial when Ray lost it:
+it keeps its Optuna number, which is what its MLflow run is found by).
 
 The per-epoch records are also what ASHA's rungs are rebuilt from (`tune/scheduler.py`), so the
 study keeps the scheduler settings it started with and refuses other ones on a resume.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,13 @@ log = logging.getLogger(__name__)
 
 STUDY_DB = "optuna.db"
 OPTUNA_KEY = "_optuna_trial"  # config key: the Optuna trial number of a Ray trial
-ADOPTED_KEY = "_adopted_from"  # config key: the Ray trial id an adopted Optuna trial had before
+ADOPTED_ATTR = "adopted_from"  # the Ray trial id an adopted Optuna trial had before
 RAY_TRIAL_ATTR = "ray_trial_id"
-EPOCHS_ATTR = "epochs"  # {epoch: {"values": [one per objective], "select": selection metric}}
+# {epochs done: {"values": [one per objective], "select": selection metric, "time": when the
+# trainable reported it (the line of the trial's reports.jsonl that Ray accepted)}}
+EPOCHS_ATTR = "epochs"
+REPORTED_KEY = "reported_at"  # result key: the report's time, as in the trial's reports.jsonl
+STUDY_ID_ATTR = "study_id"  # a random id fixed at creation: the study's runs in MLflow carry it
 POINTS_ATTR = "points_enqueued"
 SIZE_ATTR = "num_samples"  # the study's planned trial count, fixed when it starts
 SCHEDULER_ATTR = "scheduler"  # the scheduler settings, fixed when it starts (scheduler_settings)
@@ -68,6 +74,8 @@ def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
         )
     if SIZE_ATTR not in study.user_attrs:
         study.set_user_attr(SIZE_ATTR, spec.num_samples)
+    if STUDY_ID_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_ID_ATTR, uuid.uuid4().hex)
     _pin_scheduler(study, spec, study_dir)
     # A resumed study must not replay the sampler's random stream from the start.
     study.sampler = make_sampler(spec.searcher, offset=len(study.trials))
@@ -195,12 +203,10 @@ class OptunaSearcher(Searcher):
         self._trials[trial_id] = trial.number
         self._handles[trial.number] = trial
         log.debug("Ray trial %s is Optuna trial %d: %s", trial_id, trial.number, params)
-        config = {**params, OPTUNA_KEY: trial.number}
         previous = orphan.user_attrs.get(RAY_TRIAL_ATTR) if orphan else None
-        if previous:  # so trackers can continue what the lost Ray trial started
-            trial.set_user_attr(ADOPTED_KEY.lstrip("_"), previous)
-            config[ADOPTED_KEY] = previous
-        return config
+        if previous:
+            trial.set_user_attr(ADOPTED_ATTR, previous)
+        return {**params, OPTUNA_KEY: trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._trials:
@@ -283,6 +289,8 @@ class OptunaSearcher(Searcher):
         # The trainer reports best_<key> for its selection metric <key>; keep <key> per epoch.
         select_key = next((k.removeprefix("best_") for k in result if k.startswith("best_")), "")
         entry = {"values": values, "select": float(result.get(select_key, math.nan))}
+        if _finite(result.get(REPORTED_KEY)):
+            entry["time"] = float(result[REPORTED_KEY])
         trial = self._handle(number)
         trial.set_user_attr(EPOCHS_ATTR, {**epochs, str(int(step)): entry})
         if len(values) == 1 and int(step) not in frozen.intermediate_values:

@@ -104,16 +104,16 @@ def run_study(plan: Plan) -> int:
 def _open_and_search(plan: Plan) -> int:
     from tune.scheduler import build_scheduler
     from tune.searcher import OptunaSearcher, open_study
-    from tune.tracking import MlflowTracker
+    from tune.tracking import MlflowView
 
     try:  # the last checks: the tracking server, then the Optuna study and its settings
-        tracker = MlflowTracker(plan.root, plan.spec, plan.tracking_uri)
+        view = MlflowView(plan.root, plan.spec, plan.tracking_uri)
         study = open_study(plan.spec, plan.root)
         scheduler = build_scheduler(plan.spec, study)  # ASHA's rungs from the study's trials
     except (*_ERRORS, ConnectionError) as exc:
         return _error(exc)
     searcher = OptunaSearcher(plan.spec, plan.root, pruned=getattr(scheduler, "pruned", None))
-    return _search(plan, study, searcher, scheduler, tracker)
+    return _search(plan, study, searcher, scheduler, view)
 
 
 def _join_failure(address: str | None, exc: BaseException) -> str:
@@ -129,23 +129,23 @@ def _join_failure(address: str | None, exc: BaseException) -> str:
     )
 
 
-def _search(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) -> int:
+def _search(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> int:
     status = "FAILED"
     try:
-        tracker.start_parent(resumed=plan.resume)
-        _fit(plan, study, searcher, scheduler, tracker)
-        status, code = _outcome(plan, study, tracker)
+        view.start()  # a resumed study's record is brought up to date first
+        _fit(plan, study, searcher, scheduler, view)
+        status, code = _outcome(plan, study, view)
         return code
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"interrupted; continue the study with\n  {plan.resume_command}", file=sys.stderr)
         return 130
     finally:
-        tracker.finish_parent(status)
-        print(where(plan, tracker.ui_command()), flush=True)
+        view.finish(status)
+        print(where(plan, view.ui_command()), flush=True)
 
 
-def _outcome(plan: Plan, study: Any, tracker: Any) -> tuple[str, int]:
+def _outcome(plan: Plan, study: Any, view: Any) -> tuple[str, int]:
     """Summarise; then the final stage if the study is done: (MLflow status, exit code)."""
     from optuna.trial import TrialState
 
@@ -153,7 +153,7 @@ def _outcome(plan: Plan, study: Any, tracker: Any) -> tuple[str, int]:
     from tune.searcher import finished_trials
 
     print(summarize(study, plan.spec), flush=True)
-    write_study_artifacts(study, tracker, plan.root)
+    write_study_artifacts(study, plan.spec, plan.root)
     done, size = len(finished_trials(study)), plan.spec.num_samples
     if done < size:  # Ctrl-C makes Tuner.fit return as if the study had finished
         print(f"interrupted: {done} of {size} trials finished; continue with")
@@ -162,11 +162,11 @@ def _outcome(plan: Plan, study: Any, tracker: Any) -> tuple[str, int]:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"no trial completed: see {plan.ray_dir}/<ray id>/error.txt", file=sys.stderr)
         return "FAILED", 1
-    _final_stage(plan, study, tracker)
+    _final_stage(plan, study, view)
     return "FINISHED", 0
 
 
-def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) -> None:
+def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -179,7 +179,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, tracker: Any) ->
     param_space = {STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}}
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
     reporter = _progress_reporter(spec)
-    callbacks = [SlimFinishedCheckpoints(), tracker]  # slimming first: the tracker links to it
+    callbacks = [SlimFinishedCheckpoints(), view]  # slimming first: the view links to it
     restorable = plan.resume and _restorable(plan.ray_dir)
     if restorable and not _started_here(plan.root):
         restorable = False
@@ -334,7 +334,7 @@ def _progress_reporter(spec: SpaceSpec) -> Any:
     )
 
 
-def _final_stage(plan: Plan, study: Any, tracker: Any) -> None:
+def _final_stage(plan: Plan, study: Any, view: Any) -> None:
     from tune.report import best_config, best_trial
 
     config = best_config(study, plan.spec)
@@ -346,4 +346,4 @@ def _final_stage(plan: Plan, study: Any, tracker: Any) -> None:
     from tune.final import run_final_stage
 
     print(f"final stage: best trial {best_trial(study).number} on {plan.final_seeds} seeds")
-    run_final_stage(plan.spec, config, plan.root, tracker, plan.final_seeds)
+    run_final_stage(plan.spec, config, plan.root, view, plan.final_seeds)

@@ -1,37 +1,61 @@
-"""MLflow tracking of a study: one parent run, a nested run per trial and per final-stage seed.
+"""MLflow as a view of the study folder: one parent run, a nested run per trial and final seed.
 
-`MlflowTracker` is a Ray Tune callback (it runs in the driver). Its writes go through a
-`RunQueue` persisted in `<study_dir>/mlflow_state.json`, so a restored study reuses its runs
-and logs each epoch once, and what is logged while the tracking server is down is delivered
-once it is back. Only config fields, search settings, per-epoch numbers, the git commit and
-files of the study are logged: no environment variables, no credentials.
+The study folder is the record; MLflow only shows it. `MlflowView.sync` writes what the folder
+holds and MLflow lacks, and nothing else:
+- a trial's run from its Optuna trial (state, parameters, which epochs were accepted) and its
+  `trials/<ray id>/reports.jsonl` (everything the trainer measured in each epoch);
+- a final seed's run from `final/seed_<n>/result.json`;
+- the parent run from the space, `final/summary.json` and the files under `report/`.
+
+Runs are found by tags (the study's id and a run key), never by a saved map of run ids, and
+every metric carries the time its epoch was reported, so writing it again changes nothing. The
+view syncs the trials that an event touched while the study runs (the cost of an event does not
+grow with the study), and the whole study when the driver starts and ends; whatever an outage
+or a killed driver kept from MLflow is written then. Only config fields, search settings,
+measurements, the git commit and files of the study go to MLflow: no environment, no
+credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import numbers
+import os
 import subprocess
 import time
-from collections.abc import Mapping
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import requests
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 
 from dsanet.config import ConfigError, flatten
-from tune.mlflow_queue import PARENT, STATE_FILE, RunQueue, TrackingUnavailable, redact
-from tune.plan import PROTOCOL_NOTES
-from tune.searcher import ADOPTED_KEY
-from tune.space import SpaceSpec, sampled_values, trial_config
+from tune.links import link_atomic
+from tune.plan import MLFLOW_DB, PROTOCOL_NOTES, redact_uri
+from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records, storage_uri
+from tune.space import SpaceSpec, trial_config
+from tune.trainable import REPORTS_FILE, TRIALS_DIR
 
-__all__ = ["PARENT", "STATE_FILE", "MlflowTracker", "TrackingUnavailable", "RUN_STATUS"]
+__all__ = ["PARENT", "RUN_STATUS", "MlflowView", "TrackingUnavailable"]
 
 log = logging.getLogger(__name__)
 
-TAG_STATUS, TAG_STAGE = "dsanet.status", "dsanet.stage"
+PARENT = "study"  # run key of the parent run; trials are "trial/<optuna number>"
+TAG_KEY, TAG_STUDY = "dsanet.run_key", "dsanet.study"  # what finds a run
+TAG_STATUS, TAG_STAGE, TAG_EPOCHS = "dsanet.status", "dsanet.stage", "dsanet.epochs"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 # dsanet status -> MLflow run status (MLflow has no PRUNED: KILLED plus the dsanet.status tag)
 RUN_STATUS = {
     "RUNNING": "RUNNING",
@@ -41,279 +65,467 @@ RUN_STATUS = {
     "KILLED": "KILLED",
     "FAILED": "FAILED",
 }
-# Keys Ray adds to every result: bookkeeping, not measurements (`epoch` is the step).
-_RAY_KEYS = frozenset(
-    "epoch training_iteration timestamp time_this_iter_s time_total_s time_since_restore "
-    "iterations_since_restore pid done date hostname node_ip trial_id experiment_tag config "
-    "should_checkpoint checkpoint_dir_name experiment_id".split()
-)
-# Numbers a trainable may report that identify rather than measure: logged as tags.
-_TAG_KEYS = {"optuna_trial": "dsanet.optuna_trial"}
-_QUEUES: dict[Path, tuple[str, RunQueue]] = {}  # study folder -> (URI asked for, its queue)
+_TRIAL_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "PRUNED"}
+_TRIAL_STATUS[TrialState.FAIL] = "FAILED"
+_PARENT_FOLDERS = ("space", "study", "best")  # report/<name>/ -> the parent's <name>/
+# MLflow's HTTP client retries a refused connection for about 4 minutes by default; inside a
+# Tune callback that stalls the whole study, so calls get a short budget unless the user set
+# one: the next event retries anyway.
+_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_WARN_EVERY_S = 300.0
+_BATCH = 100  # MLflow's limit of params (and tags) per log_batch; metrics allow 1000
+_FAILED_TRIES = 5  # non-transient failures of one run's sync before it is given up
 
 
-class MlflowTracker(Callback):
-    """Logs a study to MLflow: a Tune callback, plus `start_parent` (call it before the search)
-    and `finish_parent`. Trackers of one study folder in one process share their queue, so the
-    copy `Tuner.restore` unpickles from tuner.pkl and a tracker built anew act as one.
+class TrackingUnavailable(ConnectionError):
+    """The tracking URI cannot be used; the message names the URI and the fix."""
+
+
+@dataclass
+class _Run:
+    """What MLflow holds of one run, as far as the view needs it."""
+
+    run_id: str
+    epochs: int = 0  # epochs (or history records) logged
+    status: str = "RUNNING"  # the dsanet status tag; NEW until its params are logged
+
+
+class MlflowView(Callback):
+    """The study's MLflow record, kept up to date by Tune events and by `sync`.
+
+    `start()` before the search, `finish(status)` after it; `sync_seed(seed)` for a final-stage
+    seed once its result.json exists.
     """
 
     def __init__(self, study_dir: Path, spec: SpaceSpec, tracking_uri: str = "") -> None:
-        self.study_dir = Path(study_dir).resolve()
-        self.spec = spec
-        self._uri_asked = tracking_uri
-        uri, queue = _QUEUES.get(self.study_dir, ("", None))
-        if queue is None or uri != tracking_uri:
-            experiment = spec.mlflow.experiment or spec.name
-            queue = RunQueue(self.study_dir, tracking_uri, experiment, spec.path)
-            _QUEUES[self.study_dir] = (tracking_uri, queue)
-        self._queue = queue
+        """`study_dir` holds the Optuna study of `spec` (`tune.searcher.open_study`)."""
+        self.root, self.spec = Path(study_dir).resolve(), spec
+        self.uri = tracking_uri or f"sqlite:///{self.root / MLFLOW_DB}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        check_reachable(self.client, self.uri, spec.path)
+        self._storage: Any = None  # the Optuna study's, opened by the first sync
+        self._study, self.study_id, self.experiment_id = -1, "", ""
+        self._runs: dict[str, _Run] = {}  # run key -> its run, once read or created
+        self._dirty: dict[str, int] = {}  # run keys to sync -> failed tries
+        self._errors: dict[str, str] = {}  # run key -> the trial's error line (from Ray)
+        self._ended = ""  # the parent's final status, once the driver ends
+        self._outage_since: float | None = None
+        self._warned = 0.0
 
-    def __reduce__(self) -> tuple[Any, ...]:  # the client and the queue stay in this process
-        return (MlflowTracker, (self.study_dir, self.spec, self._uri_asked))
-
-    @property
-    def tracking_uri(self) -> str:
-        return self._queue.uri
-
-    @property
-    def client(self) -> MlflowClient:
-        return self._queue.client
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles callbacks; a restore replaces them
+        return (_Detached, ())
 
     @property
     def parent_run_id(self) -> str:
         """The parent run's id; "" until MLflow has accepted it."""
-        return self._queue.run_id(PARENT)
+        run = self._runs.get(PARENT)
+        return run.run_id if run else ""
 
     def ui_command(self) -> str:
         """How to browse the study: `mlflow ui --backend-store-uri ...`, or a server's URL."""
-        uri = redact(self.tracking_uri)
-        if uri.startswith(("http://", "https://")):
-            return f"{uri.rstrip('/')}/#/experiments/{self._queue.state['experiment_id']}"
+        uri = redact_uri(self.uri)
+        if uri.startswith(("http://", "https://")) and self.experiment_id:
+            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}"
         return f"mlflow ui --backend-store-uri {uri}"
 
-    # ------------------------------------------------------------------ parent run
-    def start_parent(self, resumed: bool) -> str:
-        """Create the parent run (on resume, reopen the saved one) and log the study settings.
-
-        On resume, child runs left RUNNING by a killed driver are ended as INTERRUPTED; the
-        trials Tune resumes reopen theirs.
-        """
-        saved = self.parent_run_id  # "" while its creation is still queued (MLflow was down)
-        if resumed and PARENT in self._queue.runs and (not saved or self._queue.run_exists(saved)):
-            self._close_running("INTERRUPTED")
-            self.open_run(PARENT, "", {}, {})  # reopens it if it was ended
-            return self.parent_run_id
-        protocol = self.spec.base.data.protocol
-        if self._queue.runs:
-            log.warning(
-                "MLflow: new parent run for %s; its earlier runs stay as they are", self.study_dir
-            )
-            self._queue.reset()
-        self.open_run(
-            PARENT,
-            f"study-{self.study_dir.name}",
-            _parent_params(self.spec),
-            {
-                "dsanet.role": "study",
-                TAG_STAGE: "search",
-                "dsanet.space": self.spec.name,
-                "dsanet.protocol": protocol,
-                "mlflow.note.content": f"Study {self.spec.name}, data.protocol={protocol}: "
-                f"{PROTOCOL_NOTES[protocol]}.",
-                "dsanet.study_dir": str(self.study_dir),
-                **_git_tags(Path(__file__).resolve().parents[1]),
-            },
-        )
-        for path in self._write_space_files():
-            self.log_artifact(PARENT, path, "space")
+    # ------------------------------------------------------------------ the driver's calls
+    def start(self) -> str:
+        """Write the space's files and sync the whole study (a resumed study's too)."""
+        self._write_space_files()
+        self.sync()
         return self.parent_run_id
 
-    def finish_parent(
-        self,
-        status: str = "FINISHED",
-        summary: Mapping[str, Any] | None = None,
-        wait_s: float = 60.0,
-    ) -> None:
-        """Log `summary` (numbers as metrics, the rest as tags), end every open run, deliver.
+    def finish(self, status: str = "FINISHED", wait_s: float = 60.0) -> bool:
+        """End the parent (FINISHED, KILLED or FAILED) and its trials still running
+        (INTERRUPTED), after a last sync; wait up to `wait_s` for an unreachable server.
 
-        `status`: FINISHED, KILLED (interrupted) or FAILED. Waits up to `wait_s` for an
-        unreachable server; what is still undelivered stays in the state file and is delivered
-        when the study resumes. MLflow errors never raise here.
+        True when MLflow holds the whole study. Otherwise what it lacks is written when the
+        study is resumed: nothing is lost, as the study folder is the record.
         """
         if status not in ("FINISHED", "KILLED", "FAILED"):
-            raise ValueError(f"finish_parent status {status!r}: use FINISHED, KILLED or FAILED")
-        if summary:
-            values = {k: v for k, v in summary.items() if _is_number(v)}
-            texts = {f"dsanet.summary.{k}": str(v) for k, v in summary.items() if k not in values}
-            self.log(PARENT, metrics=values, tags=texts)
-        self._close_running("INTERRUPTED")
-        self.close_run(PARENT, status)
-        self.flush(wait_s)
+            raise ValueError(f"finish status {status!r}: use FINISHED, KILLED or FAILED")
+        self._ended = status
+        done = self.sync(wait_s)
+        if not done:
+            log.error(
+                "MLflow at %s lacks updates of %d runs; they are written when the study is "
+                "resumed (--resume), from the study folder",
+                redact_uri(self.uri),
+                len(self._dirty),
+            )
         log.info("MLflow: browse the study with: %s", self.ui_command())
+        return done
 
-    # ------------------------------------------------------------------ any run of the study
-    def open_run(
-        self, key: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str]
-    ) -> None:
-        """A run nested under the parent, created once per `key`; an ended one is reopened."""
-        record = self._queue.runs.get(key)
-        if record is None:
-            self._queue.runs[key] = {"status": "RUNNING", "last_epoch": -1}
-            params = {
-                k: str(list(v) if isinstance(v, tuple) else v)[:6000] for k, v in params.items()
-            }
-            tags = {**tags, TAG_STATUS: "RUNNING"}
-            self._queue.submit(
-                {"op": "create", "key": key, "name": name, "tags": tags, "params": params}
+    def sync(self, wait_s: float = 0.0) -> bool:
+        """Write every run of the study that MLflow lacks; True when nothing is left."""
+        for key in self._all_keys():
+            self._dirty.setdefault(key, 0)
+        return self.drain(wait_s)
+
+    def sync_seed(self, seed: int) -> bool:
+        self._dirty.setdefault(f"final/seed_{seed}", 0)
+        return self.drain()
+
+    def drain(self, wait_s: float = 0.0) -> bool:
+        """Sync the runs marked as changed, retrying for up to `wait_s`; True if none remain."""
+        deadline, pause = time.monotonic() + wait_s, 1.0
+        while not self._sync_dirty():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            log.warning(
+                "MLflow at %s unreachable; retrying (%.0f s left)", redact_uri(self.uri), left
             )
-        elif record["status"] != "RUNNING":
-            record["status"] = "RUNNING"
-            self.log(key, tags={TAG_STATUS: "RUNNING"})
-            self._queue.submit({"op": "status", "key": key, "status": "RUNNING"})
-
-    def log(
-        self,
-        key: str,
-        metrics: Mapping[str, Any] | None = None,
-        step: int = 0,
-        tags: Mapping[str, str] | None = None,
-        timestamp_ms: int | None = None,
-    ) -> None:
-        """Numeric metrics at `step` and tags; a fixed `timestamp_ms` makes a replay a no-op."""
-        values = {k: float(v) for k, v in (metrics or {}).items() if _is_number(v)}
-        if values or tags:
-            ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-            self._queue.submit(
-                {
-                    "op": "log",
-                    "key": key,
-                    "metrics": values,
-                    "step": int(step),
-                    "ts": ts,
-                    "tags": dict(tags or {}),
-                }
-            )
-
-    def log_artifact(self, key: str, path: Path, dest: str | None = None) -> None:
-        """A file, or a folder's contents, under `dest` in the run's artifacts."""
-        self._queue.submit({"op": "artifact", "key": key, "path": str(path), "dest": dest})
-
-    def close_run(self, key: str, status: str, tags: Mapping[str, str] | None = None) -> None:
-        """End a run: the MLflow status from RUN_STATUS, the dsanet status as a tag."""
-        record = self._queue.runs.get(key)
-        if record is None:
-            return
-        record["status"] = status
-        self.log(key, tags={TAG_STATUS: status, **(tags or {})})
-        self._queue.submit({"op": "status", "key": key, "status": RUN_STATUS[status]})
-
-    def status_of(self, key: str) -> str | None:
-        """The dsanet status recorded for a run key; None if it has no run."""
-        return self._queue.runs.get(key, {}).get("status")
-
-    def flush(self, wait_s: float = 0.0) -> bool:
-        """Deliver buffered updates, waiting up to `wait_s` for the server; True if none remain."""
-        return self._queue.flush(wait_s)
-
-    def close(self) -> None:
-        """Deliver what can be delivered now and detach this study folder's queue."""
-        self._queue.flush(0.0)
-        _QUEUES.pop(self.study_dir, None)
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 15.0)
+        return True
 
     # ------------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = self._key(trial)
-        tags = {TAG_STAGE: "search", "dsanet.trial_id": trial.trial_id}
-        if key != trial.trial_id and self.status_of(key) is not None:
-            self.log(key, tags=tags)  # the run now follows the Ray trial that adopted it
-        self.open_run(key, f"trial-{trial.trial_id}", self._trial_params(trial), tags)
+        self._touched(trial)
 
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        key = self._key(trial)
-        if key not in self._queue.runs:
-            self.on_trial_start(iteration, trials, trial)
-        record = self._queue.runs[key]
-        if isinstance(result.get("out_dir"), str):
-            record["out_dir"] = result["out_dir"]
-        epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-        if epoch <= record["last_epoch"]:
-            return  # logged before a restore: each epoch goes to MLflow once
-        record["last_epoch"] = epoch
-        metrics = {k: v for k, v in result.items() if k not in _RAY_KEYS and k not in _TAG_KEYS}
-        tags = {tag: str(result[k]) for k, tag in _TAG_KEYS.items() if k in result}
-        self.log(key, metrics, step=epoch, tags=tags)
+    def on_trial_result(self, iteration, trials, trial, result, **info: Any) -> None:
+        self._touched(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = self._key(trial)
-        record = self._queue.runs.get(key)
-        if record is None:
-            return
-        self._log_trial_files(key, ("best.pt", "config.yaml"))
-        done = record["last_epoch"] + 1 >= self.spec.scheduler.max_t
-        self.close_run(key, "FINISHED" if done else "PRUNED")
+        self._touched(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = self._key(trial)
-        if key not in self._queue.runs:
-            self.on_trial_start(iteration, trials, trial)
-        self._log_trial_files(key, ("config.yaml",))
-        self.close_run(key, "FAILED", {"dsanet.error": _error_line(trial)})
+        number = (trial.config or {}).get(OPTUNA_KEY)
+        if number is not None:
+            self._errors[f"trial/{number}"] = _error_line(trial)
+        self._touched(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._close_running("INTERRUPTED")  # trials left running by Ctrl-C
-        self.flush(0.0)
+        self.drain()
 
-    # ------------------------------------------------------------------ helpers
-    def _key(self, trial: Any) -> str:
-        """The run key of a Ray trial: its id; or, when it adopted the Optuna trial of a Ray
-        trial lost with a killed driver (config `_adopted_from`), the key of that trial's run,
-        so the Optuna trial keeps one MLflow run and its epochs are logged once."""
-        aliases: dict[str, str] = self._queue.state.setdefault("aliases", {})
-        if trial.trial_id in aliases:
-            return aliases[trial.trial_id]
-        previous = (trial.config or {}).get(ADOPTED_KEY)
-        if previous and trial.trial_id not in self._queue.runs:
-            key = aliases.get(previous, previous)
-            if key in self._queue.runs:
-                aliases[trial.trial_id] = key
-                return key
-        return trial.trial_id
+    def _touched(self, trial: Any) -> None:
+        number = (trial.config or {}).get(OPTUNA_KEY)
+        if number is not None:
+            self._dirty.setdefault(f"trial/{number}", 0)
+        self.drain()
 
-    def _close_running(self, status: str) -> None:
-        for key, record in list(self._queue.runs.items()):
-            if key != PARENT and record["status"] == "RUNNING":
-                self.close_run(key, status)
+    # ------------------------------------------------------------------ syncing
+    def _all_keys(self) -> list[str]:
+        if self._storage is None:
+            return [PARENT]  # a first sync opens the stores and marks everything
+        trials = [
+            f"trial/{t.number}"
+            for t in self._storage.get_all_trials(self._study, deepcopy=False)
+            if RAY_TRIAL_ATTR in t.user_attrs  # asked by Ray; not a point waiting in the queue
+        ]
+        final = sorted((self.root / "final").glob("seed_*/result.json"))
+        return [PARENT, *trials, *(f"final/{p.parent.name}" for p in final)]
 
-    def _trial_params(self, trial: Any) -> dict[str, Any]:
-        """The trial's whole resolved config: the base config with its sampled values."""
-        sampled = sampled_values(trial.config or {})
+    def _sync_dirty(self) -> bool:
+        """One pass over the changed runs, parent first; False when MLflow stopped answering."""
+        if not self._dirty:
+            return True
+        problem = probe(self.uri) if self._outage_since is not None else ""
         try:
-            return flatten(trial_config(self.spec, sampled))
-        except ConfigError as exc:
-            log.warning(
-                "MLflow: trial %s config is invalid (%s); logging the sampled values",
-                trial.trial_id,
-                exc,
+            if problem:
+                raise ConnectionError(problem)
+            with _short_retries():
+                if not self.experiment_id:
+                    self._open_stores()
+                if PARENT not in self._runs:
+                    self._dirty.setdefault(PARENT, 0)
+                order = sorted(self._dirty, key=lambda k: k != PARENT)  # children need it
+                for key in order:
+                    self._sync_one(key)
+        except (MlflowException, requests.RequestException, OSError) as exc:
+            if not _transient(exc):
+                raise
+            self._outage(str(exc))
+            return False
+        if self._outage_since is not None:
+            log.warning("MLflow at %s answers again; the study is written", redact_uri(self.uri))
+            self._outage_since = None
+        return True
+
+    def _sync_one(self, key: str) -> None:
+        try:
+            if key == PARENT:
+                self._sync_parent()
+            elif key.startswith("trial/"):
+                self._sync_trial(int(key.removeprefix("trial/")))
+            else:
+                self._sync_seed(int(key.removeprefix("final/seed_")))
+        except (MlflowException, requests.RequestException, OSError, ValueError) as exc:
+            if _transient(exc):
+                raise
+            self._dirty[key] += 1
+            if self._dirty[key] < _FAILED_TRIES:
+                return  # tried again at the next event
+            log.warning("MLflow: run %s could not be written (%s); giving up", key, exc)
+        self._dirty.pop(key, None)
+
+    def _sync_parent(self) -> None:
+        protocol = self.spec.base.data.protocol
+        tags = {
+            "dsanet.role": "study",
+            TAG_STAGE: "search",
+            "dsanet.space": self.spec.name,
+            "dsanet.protocol": protocol,
+            "mlflow.note.content": f"Study {self.spec.name}, data.protocol={protocol}: "
+            f"{PROTOCOL_NOTES[protocol]}.",
+            "dsanet.study_dir": str(self.root),
+            **_git_tags(Path(__file__).resolve().parents[1]),
+        }
+        run = self._run(PARENT, f"study-{self.root.name}", lambda: _parent_params(self.spec), tags)
+        summary = self.root / "final" / "summary.json"
+        if summary.is_file():
+            values = json.loads(summary.read_text())
+            stamp = int(summary.stat().st_mtime * 1000)
+            self._log(run, [_metric(k, v, stamp, 0) for k, v in values.items()], {})
+        for name in _PARENT_FOLDERS:
+            folder = self.root / "report" / name
+            if folder.is_dir():
+                self._log_files(run, folder, name)
+        self._set_status(run, self._ended or "RUNNING")
+
+    def _sync_trial(self, number: int) -> None:
+        trial = self._frozen(number)
+        ray_id = str(trial.user_attrs.get(RAY_TRIAL_ATTR, ""))
+        tags = {TAG_STAGE: "search", "dsanet.optuna_trial": str(number)}
+        run = self._run(f"trial/{number}", f"trial-{number}", lambda: self._params(trial), tags)
+        folder = self.root / TRIALS_DIR / ray_id
+        epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
+        metrics = [
+            _metric(name, value, stamp, epoch)
+            for epoch, stamp, values in epochs[run.epochs :]
+            for name, value in values.items()
+        ]
+        tags = {"dsanet.trial_id": ray_id, TAG_EPOCHS: str(len(epochs))}
+        if f"trial/{number}" in self._errors:
+            tags["dsanet.error"] = self._errors[f"trial/{number}"]
+        self._log(run, metrics, tags)
+        run.epochs = len(epochs)
+        status = _TRIAL_STATUS.get(trial.state, "INTERRUPTED" if self._ended else "RUNNING")
+        if status != run.status and status != "RUNNING":
+            names = ("config.yaml",) if status == "FAILED" else ("best.pt", "config.yaml")
+            for name in names:
+                if (folder / name).is_file():
+                    self._log_files(run, folder / name, None)
+        self._set_status(run, status)
+
+    def _sync_seed(self, seed: int) -> None:
+        folder = self.root / "final" / f"seed_{seed}"
+        result_file = folder / "result.json"
+        result, stamp = json.loads(result_file.read_text()), _stamp(result_file)
+        cfg_file = folder / "config.yaml"
+        tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
+        params = (lambda: flatten(_read_config(cfg_file))) if cfg_file.is_file() else dict
+        run = self._run(f"final/seed_{seed}", f"final-seed-{seed}", params, tags)
+        if run.status == "FINISHED":
+            return
+        history = result.get("history", [])
+        metrics = [
+            _metric(k, v, stamp, int(record["epoch"]))
+            for record in history
+            for k, v in record.items()
+            if k != "epoch"
+        ]
+        metrics += [_metric(f"test_{k}", v, stamp, 0) for k, v in result.get("test", {}).items()]
+        self._log(run, metrics, {TAG_EPOCHS: str(len(history))})
+        for name in ("config.yaml", "result.json", "best.pt"):
+            if (folder / name).is_file():
+                self._log_files(run, folder / name, None)
+        self._set_status(run, "FINISHED")
+
+    # ------------------------------------------------------------------ MLflow
+    def _open_stores(self) -> None:
+        """Open the Optuna study, find or create the experiment, read the study's runs once."""
+        # Its own storage, uncached: each read sees what the searcher has just written.
+        self._storage = optuna.storages.RDBStorage(
+            storage_uri(self.root), engine_kwargs={"connect_args": {"timeout": 60}}
+        )
+        self._study = self._storage.get_study_id_from_name(self.spec.name)
+        self.study_id = str(self._storage.get_study_user_attrs(self._study)[STUDY_ID_ATTR])
+        name = self.spec.mlflow.experiment or self.spec.name
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(name, _artifact_location(self.uri))
+        else:
+            self.experiment_id = found.experiment_id
+            if found.lifecycle_stage == "deleted":
+                log.warning("MLflow: experiment %r was deleted; restoring it", name)
+                self.client.restore_experiment(self.experiment_id)
+        query, token = f"tags.`{TAG_STUDY}` = '{self.study_id}'", None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, page_token=token)
+            for found_run in page:
+                tags = found_run.data.tags
+                if TAG_KEY in tags:
+                    self._runs[tags[TAG_KEY]] = _Run(
+                        found_run.info.run_id,
+                        int(tags.get(TAG_EPOCHS, 0)),
+                        tags.get(TAG_STATUS, "RUNNING"),
+                    )
+            token = page.token
+            if not token:
+                break
+        for key in self._all_keys():  # a driver's first look: anything may be missing
+            self._dirty.setdefault(key, 0)
+
+    def _run(self, key: str, name: str, params: Any, tags: Mapping[str, str]) -> _Run:
+        """The run of `key`, created (nested under the parent) if MLflow has none. It is
+        created with its identifying tags and status NEW until its params are logged, so a
+        kill in between leaves a run that is found, and completed, by the next sync."""
+        run = self._runs.get(key)
+        if run is None:
+            tags = {**tags, TAG_KEY: key, TAG_STUDY: self.study_id, TAG_STATUS: "NEW"}
+            if key != PARENT:
+                tags[TAG_PARENT] = self._runs[PARENT].run_id
+            created = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+            run = self._runs[key] = _Run(created.info.run_id, status="NEW")
+        if run.status == "NEW":  # logging the same params again is allowed
+            pairs = [Param(k, str(v)[:6000]) for k, v in params().items()]
+            for i in range(0, len(pairs), _BATCH):
+                self.client.log_batch(run.run_id, params=pairs[i : i + _BATCH])
+        return run
+
+    def _log(self, run: _Run, metrics: list[Metric], tags: Mapping[str, str]) -> None:
+        tag_list = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, max(len(metrics), len(tag_list)), _BATCH):
+            self.client.log_batch(
+                run.run_id, metrics[i : i + _BATCH], tags=tag_list[i : i + _BATCH]
             )
-            return sampled
 
-    def _log_trial_files(self, key: str, names: tuple[str, ...]) -> None:
-        out_dir = self._queue.runs[key].get("out_dir")
-        for name in names:
-            if out_dir and (Path(out_dir) / name).is_file():
-                self.log_artifact(key, Path(out_dir) / name)
+    def _set_status(self, run: _Run, status: str) -> None:
+        if status == run.status:
+            return
+        self.client.set_tag(run.run_id, TAG_STATUS, status)
+        if status == "RUNNING":
+            self.client.update_run(run.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run.run_id, RUN_STATUS[status])
+        run.status = status
 
-    def _write_space_files(self) -> list[Path]:
+    def _log_files(self, run: _Run, path: Path, dest: str | None) -> None:
+        """`log_artifact(s)`; a checkpoint going to a local artifact folder on the same
+        filesystem is hard-linked there instead of copied (checkpoints are most of a study's
+        bytes, and dsanet only ever replaces a `.pt` file whole, never edits it in place)."""
+        if path.suffix == ".pt":
+            info = self.client.get_run(run.run_id).info
+            folder = local_folder(info.artifact_uri)
+            if folder is not None and _link_into(path, folder / (dest or "")):
+                return
+        if path.is_dir():
+            self.client.log_artifacts(run.run_id, str(path), dest)
+        else:
+            self.client.log_artifact(run.run_id, str(path), dest)
+
+    def _outage(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._outage_since is None or now - self._warned > _WARN_EVERY_S:
+            log.warning(
+                "MLflow at %s unreachable (%s); the search goes on, and MLflow is brought up "
+                "to date from the study folder once it answers",
+                redact_uri(self.uri),
+                reason[:200],
+            )
+            self._warned = now
+        if self._outage_since is None:
+            self._outage_since = now
+
+    # ------------------------------------------------------------------ the study folder
+    def _frozen(self, number: int) -> FrozenTrial:
+        """One trial from the storage: its cost does not grow with the study."""
+        storage = self._storage
+        return storage.get_trial(
+            storage.get_trial_id_from_study_id_trial_number(self._study, number)
+        )
+
+    def _params(self, trial: FrozenTrial) -> dict[str, Any]:
+        """The trial's whole resolved config: the base config with its sampled values."""
+        try:
+            return flatten(trial_config(self.spec, trial.params))
+        except ConfigError as exc:
+            log.warning("MLflow: trial %d config is invalid (%s)", trial.number, exc)
+            return dict(trial.params)
+
+    def _write_space_files(self) -> None:
         """The space file (URI credentials masked) and the resolved base config."""
-        folder = self.study_dir / "report" / "space"
+        folder = self.root / "report" / "space"
         folder.mkdir(parents=True, exist_ok=True)
-        space, base = folder / self.spec.path.name, folder / "base_config.yaml"
-        space.write_text(redact(self.spec.path.read_text()))
-        base.write_text(self.spec.base.to_yaml())
-        return [space, base]
+        (folder / self.spec.path.name).write_text(redact_uri(self.spec.path.read_text()))
+        (folder / "base_config.yaml").write_text(self.spec.base.to_yaml())
+
+
+class _Detached(Callback):
+    """What an MlflowView unpickles to (Tuner.restore): it does nothing. The driver replaces
+    the restored callbacks with the ones of this run (see tune.driver)."""
+
+
+def accepted_epochs(
+    trial: FrozenTrial, reports: Path, objectives: Sequence[str]
+) -> list[tuple[int, int, dict[str, float]]]:
+    """(epoch, report time in ms, numbers measured) of each epoch Optuna holds for `trial`.
+
+    The trainable writes each epoch's numbers to the trial's reports before Ray receives them;
+    a restart may write an epoch again. The line kept is the one whose report time Optuna
+    recorded with the epoch; a record without a time keeps the epoch's last line; an epoch
+    without a line keeps the objective values Optuna holds.
+    """
+    lines: dict[tuple[int, float], dict] = {}
+    last: dict[int, dict] = {}
+    if reports.is_file():
+        for text in reports.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                line = json.loads(text)
+                lines[(int(line["epoch"]), float(line["time"]))] = line
+                last[int(line["epoch"])] = line
+    out = []
+    for step, entry in sorted(epoch_records(trial).items()):
+        epoch = step - 1
+        line = lines.get((epoch, entry.get("time", math.nan))) or last.get(epoch)
+        if line and isinstance(line.get("metrics"), dict):
+            values = {k: v for k, v in line["metrics"].items() if k != "epoch"}
+            stamp = int(float(line["time"]) * 1000)
+        else:
+            values = dict(zip(objectives, entry["values"], strict=False))
+            stamp = int(trial.datetime_start.timestamp() * 1000) + step
+        out.append((epoch, stamp, {k: v for k, v in values.items() if _is_number(v)}))
+    return out
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def check_reachable(client: MlflowClient, uri: str, space: Path) -> None:
+    """Raise TrackingUnavailable unless the tracking store answers a search."""
+    problem = probe(uri)
+    if not problem:
+        try:
+            with _short_retries():
+                client.search_experiments(max_results=1)
+        except MlflowException as exc:
+            problem = exc.message[:300]
+    if problem:
+        raise TrackingUnavailable(
+            f"MLflow tracking URI {redact_uri(uri)} is not usable: {problem}. Start the server "
+            f"(mlflow server --backend-store-uri sqlite:///ABS/PATH/mlflow.db --host HOST "
+            f"--port PORT), fix mlflow.tracking_uri in {space}, or leave it empty to track in "
+            f"an SQLite file in the study folder"
+        )
+
+
+def probe(uri: str) -> str:
+    """'' if an HTTP tracking server answers (any status below 500), else what went wrong."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=(3, 10))
+    except requests.Timeout:
+        return "no answer within 10 s"
+    except requests.RequestException as exc:
+        return f"no connection ({type(exc).__name__})"
+    return f"HTTP {response.status_code}" if response.status_code >= 500 else ""
 
 
 def _parent_params(spec: SpaceSpec) -> dict[str, Any]:
@@ -362,8 +574,73 @@ def _error_line(trial: Any) -> str:
     return ""
 
 
+def _read_config(path: Path) -> Any:
+    from dsanet.config import from_dict
+    from dsanet.yamlio import load_yaml_file
+
+    return from_dict(load_yaml_file(path, ConfigError), str(path))
+
+
+def _metric(key: str, value: Any, stamp: int, step: int) -> Metric:
+    return Metric(key, float(value), stamp, step)
+
+
+def _stamp(path: Path) -> int:
+    """When a file was written (ms): the fixed timestamp of what is logged from it."""
+    return int(path.stat().st_mtime * 1000)
+
+
 def _is_number(value: Any) -> bool:
     """Real numbers (numpy's too) that MLflow stores: finite or NaN, not bools."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     return math.isfinite(value) or math.isnan(value)
+
+
+@contextlib.contextmanager
+def _short_retries() -> Iterator[None]:
+    missing = [k for k in _RETRY_ENV if k not in os.environ]
+    os.environ.update({k: _RETRY_ENV[k] for k in missing})
+    try:
+        yield
+    finally:
+        for k in missing:
+            os.environ.pop(k, None)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors a later retry can cure: no connection, a timeout, a locked SQLite file."""
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    code = getattr(exc, "error_code", "")
+    return code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or any(
+        s in str(exc) for s in ("API request to", "database is locked", "timed out")
+    )
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of an SQLite store go next to its file (MLflow's default is ./mlruns under the
+    working directory); a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
+def local_folder(artifact_uri: str) -> Path | None:
+    """The folder of a `file:` or plain-path artifact URI; None for any remote or proxied store
+    (`mlflow-artifacts:`, `s3:`, ...), which only MLflow's own client may write."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def _link_into(path: Path, folder: Path) -> bool:
+    """Hard-link a file into `folder` under its name; False if that cannot be done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return link_atomic(path, folder / path.name)

@@ -29,7 +29,7 @@ from ray.tune import Callback
 from dsanet.config import ConfigError, ExperimentConfig, from_dict
 from dsanet.yamlio import load_yaml_file
 from tune.links import link_atomic
-from tune.searcher import OPTUNA_KEY
+from tune.searcher import OPTUNA_KEY, REPORTED_KEY
 from tune.space import sampled_values
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 STUDY_KEY = "_study"  # config key of the fixed study info: {"dir": study folder, "max_t": epochs}
 TRIALS_DIR = "trials"  # <study>/trials/<ray trial id>/ is a trial's train.out_dir
 BASE_FILE = "base.yaml"  # the study's resolved base config, written once by the driver
-# One line per reported epoch: what the worker sent, when, and the epoch's seconds; the first
-# line after a (re)start also says when the trainable was entered (bench/bench_search.py).
+# One line per reported epoch: when, by which process, and what the trainer measured (the MLflow
+# view logs it); the first line after a (re)start also says when the trainable was entered
+# (bench/bench_search.py).
 REPORTS_FILE = "reports.jsonl"
 PROGRESS_FILE = "progress.json"  # in each checkpoint: {"epochs": epochs done}
 STATE_FILES = ("last.pt", "best.pt")  # dsanet.trainer's CHECKPOINT and BEST
@@ -91,16 +92,19 @@ class _Reporter:
         self.start = {"resumed_at": resumed_at, "entered": entered}
 
     def __call__(self, record: dict[str, float], out_dir: Path) -> bool:
-        epoch = int(record["epoch"])
-        metrics = {**record, "epoch": epoch, **self.extras}
+        epoch, now = int(record["epoch"]), time.time()
+        metrics = {**record, "epoch": epoch, **self.extras, REPORTED_KEY: now}
         line = {
             "epoch": epoch,
             "pid": os.getpid(),
-            "time": time.time(),
+            "time": now,
             "seconds": record["seconds"],
+            "resumed_at": -1,
+            **self.start,
+            "metrics": record,
         }
         with open(self.out_dir / REPORTS_FILE, "a") as log_file:
-            log_file.write(json.dumps({**line, "resumed_at": -1, **self.start}) + "\n")
+            log_file.write(json.dumps(line) + "\n")
         self.start = {}  # only the first report after a (re)start carries it
         stage = _stage(out_dir, epochs_done=epoch + 1)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))

@@ -124,7 +124,6 @@ def test_a_broken_base_config_in_the_study_folder(tmp_path, xd_small, capsys, te
 
 
 DAMAGED = {
-    "mlflow_state.json": b"\xff\xfe not json",
     "data/synth.json": b"[1, 2]",
 }
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from ray_fixtures import MAX_T, write_space
 
 from tune.searcher import (
-    ADOPTED_KEY,
+    ADOPTED_ATTR,
     EPOCHS_ATTR,
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
@@ -128,13 +128,15 @@ def test_save_restore_keeps_trials_and_orphans_are_adopted(tmp_path):
     restored = OptunaSearcher(spec, tmp_path / "study")
     restored.restore(str(tmp_path / "searcher.pkl"))
     adopted = restored.suggest("c")  # the orphan, not a new ask
-    assert adopted == {**orphan, ADOPTED_KEY: "b"}
+    assert adopted == orphan  # same Optuna trial: its MLflow run is found by its number
+    assert trial_of(restored, "c").user_attrs[ADOPTED_ATTR] == "b"
     restored.on_trial_complete("a", result=run_epochs(restored, "a", [0.1, 0.2, 0.3]))
     assert trial_of(restored, "a").state == TrialState.COMPLETE
     assert trial_of(restored, "c").number == orphan[OPTUNA_KEY]
     assert len(restored.study.trials) == 2
     fresh = OptunaSearcher(spec, tmp_path / "study")  # Ray saved nothing at all
-    assert fresh.suggest("d") == {**adopted, ADOPTED_KEY: "c"}
+    assert fresh.suggest("d") == adopted
+    assert trial_of(fresh, "d").user_attrs[ADOPTED_ATTR] == "c"
 
 
 def test_multi_objective_values_and_pareto_front(tmp_path):

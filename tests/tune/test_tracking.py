@@ -1,8 +1,10 @@
-"""MlflowTracker against a real `mlflow server`: run layout, restore without duplicates, outages.
+"""The MLflow view against a real `mlflow server`: run layout, catching up after a killed driver
+or an outage, every epoch exactly once.
 
-The Tune hooks are driven directly, without Ray running: the trials are real
-`ray.tune.experiment.Trial` records (stub=True skips the trainable lookup), the results are the
-dicts the trainable reports. Nothing of MLflow or Ray is mocked.
+The study folder is built by the real pieces that write it during a search, without Ray running:
+the Optuna study through `OptunaSearcher` (as Ray calls it), and each trial's reports.jsonl in
+the trainable's format. Tune events reach the view as Ray hands them: a `Trial` record
+(stub=True skips the trainable lookup). Nothing of MLflow, Optuna or Ray is mocked.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -20,59 +21,62 @@ from mlflow import MlflowClient
 from ray.tune.experiment import Trial
 
 from dsanet.config import field_names
-from tune.searcher import ADOPTED_KEY
-from tune.tracking import STATE_FILE, MlflowTracker, TrackingUnavailable
+from tune.searcher import OPTUNA_KEY, REPORTED_KEY, OptunaSearcher, open_study
+from tune.tracking import MlflowView, TrackingUnavailable
 
 
-def make_trial(trial_id: str, lr: float = 1e-4) -> Trial:
-    config = {"optim.lr": lr, "model.num_prototypes": 8}
-    return Trial("dsanet", config=config, trial_id=trial_id, stub=True)
+class FakeSearch:
+    """Writes a study folder as a search does: Optuna through the searcher, reports as the
+    trainable writes them. `view` (if any) receives the Tune events."""
+
+    def __init__(self, root: Path, spec, view: MlflowView | None = None) -> None:
+        self.root, self.spec, self.view = root, spec, view
+        open_study(spec, root)
+        self.pruned: set[str] = set()
+        self.searcher = OptunaSearcher(spec, root, pruned=lambda ray_id: ray_id in self.pruned)
+        self.trials: dict[str, Trial] = {}
+
+    def start(self, ray_id: str) -> Trial:
+        config = self.searcher.suggest(ray_id)
+        trial = self.trials[ray_id] = Trial("dsanet", config=config, trial_id=ray_id, stub=True)
+        (self.root / "trials" / ray_id).mkdir(parents=True, exist_ok=True)
+        if self.view:
+            self.view.on_trial_start(0, [], trial)
+        return trial
+
+    def epochs(self, ray_id: str, epochs: range) -> None:
+        """The trainable reports each epoch: a line in reports.jsonl, then the result to Ray."""
+        folder = self.root / "trials" / ray_id
+        for epoch in epochs:
+            now = time.time()
+            metrics = {"epoch": epoch, "val_ap": 0.5 + epoch / 10, "loss_total": 1 / (epoch + 1)}
+            metrics["best_val_ap"] = metrics["val_ap"]
+            line = {"epoch": epoch, "pid": 4242, "time": now, "metrics": metrics}
+            with open(folder / "reports.jsonl", "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+            result = {**metrics, "training_iteration": epoch + 1, REPORTED_KEY: now, "pid": 1}
+            self.searcher.on_trial_result(ray_id, result)
+            if self.view:
+                self.view.on_trial_result(0, [], self.trials[ray_id], result)
+        (folder / "config.yaml").write_text("train: {seed: 1}\n")
+        (folder / "best.pt").write_bytes(b"weights")
+
+    def end(self, ray_id: str, error: bool = False) -> None:
+        self.searcher.on_trial_complete(ray_id, error=error)
+        if self.view and error:
+            self.view.on_trial_error(0, [], self.trials[ray_id])
+        elif self.view:
+            self.view.on_trial_complete(0, [], self.trials[ray_id])
 
 
-def trial_folder(root: Path, trial_id: str) -> Path:
-    """What the trainer leaves in a trial's run folder, as far as the tracker reads it."""
-    folder = root / "trials" / trial_id
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text("train: {seed: 1}\n")
-    (folder / "best.pt").write_bytes(b"weights")
-    return folder
-
-
-def report(tracker: MlflowTracker, trial: Trial, epochs: range, out_dir: Path) -> None:
-    for epoch in epochs:
-        result = {
-            "epoch": epoch,
-            "val_ap": 0.5 + epoch / 10,
-            "loss_total": 1.0 / (epoch + 1),
-            "out_dir": str(out_dir),
-            "training_iteration": epoch + 1,
-            "pid": 4242,
-            "optuna_trial": 3,
-            "hostname": "node",
-        }
-        tracker.on_trial_result(epoch, [], trial, result)
-
-
-def finish_study(tracker: MlflowTracker, trial: Trial, out_dir: Path, experiment: str) -> list:
-    """Run one trial through both epochs, end the study; the experiment's child runs."""
-    tracker.on_trial_start(0, [], trial)
-    report(tracker, trial, range(2), out_dir)
-    tracker.on_trial_complete(2, [], trial)
-    tracker.finish_parent("FINISHED")
-    tracker.close()
-    return runs_of(MlflowClient(tracker.tracking_uri), experiment)[1]
-
-
-def runs_of(client: MlflowClient, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an experiment."""
+def runs_of(client: MlflowClient, experiment: str) -> tuple[list, dict]:
+    """(parent runs, child runs by Optuna trial number) of an experiment."""
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], max_results=1000)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return [r for r in runs if r not in children], children
-
-
-def by_trial(children: list) -> dict:
-    return {r.data.tags["dsanet.trial_id"]: r for r in children}
+    by_number = {int(r.data.tags["dsanet.optuna_trial"]): r for r in children}
+    assert len(by_number) == len(children), "two runs for one trial"
+    return [r for r in runs if r not in children], by_number
 
 
 def steps(client: MlflowClient, run, key: str) -> list[int]:
@@ -81,21 +85,27 @@ def steps(client: MlflowClient, run, key: str) -> list[int]:
 
 def test_study_layout(mlflow_server, tmp_path):
     spec = write_space(tmp_path, "layout", mlflow_server.uri)
-    tracker = MlflowTracker(tmp_path / "study", spec, mlflow_server.uri)
-    parent_id = tracker.start_parent(resumed=False)
-    done, pruned, failed = make_trial("done1"), make_trial("prune1", 3e-4), make_trial("fail1")
-    for trial in (done, pruned, failed):
-        tracker.on_trial_start(0, [], trial)
-    report(tracker, done, range(2), trial_folder(tmp_path, "done1"))
-    report(tracker, pruned, range(1), trial_folder(tmp_path, "prune1"))
-    report(tracker, failed, range(1), trial_folder(tmp_path, "fail1"))
-    tracker.on_trial_complete(2, [], done)
-    tracker.on_trial_complete(2, [], pruned)
-    tracker.on_trial_error(2, [], failed)
-    tracker.finish_parent("FINISHED", {"best_val_ap": 0.6, "best_trial": "done1"})
+    root = tmp_path / "study"
+    open_study(spec, root)
+    view = MlflowView(root, spec, mlflow_server.uri)
+    parent_id = view.start()
+    search = FakeSearch(root, spec, view)
+    search.pruned.add("prune1")
+    for ray_id in ("done1", "prune1", "fail1"):
+        search.start(ray_id)
+    search.epochs("done1", range(2))
+    search.epochs("prune1", range(1))
+    search.epochs("fail1", range(1))
+    for ray_id in ("done1", "prune1"):
+        search.end(ray_id)
+    search.end("fail1", error=True)
+    summary = {"final_auc_mean": 0.75, "final_auc_std": 0.01}
+    (root / "final").mkdir()
+    (root / "final" / "summary.json").write_text(json.dumps(summary))
+    assert view.finish("FINISHED")
 
     client = MlflowClient(mlflow_server.uri)
-    parents, children = runs_of(client, "layout")
+    parents, runs = runs_of(client, "layout")
     assert [p.info.run_id for p in parents] == [parent_id]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -104,137 +114,131 @@ def test_study_layout(mlflow_server, tmp_path):
     assert parent.data.params["study.max_failures"] == "2"
     assert "search.optim.lr" in parent.data.params
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
-    assert parent.data.metrics["best_val_ap"] == 0.6
-    assert parent.data.tags["dsanet.summary.best_trial"] == "done1"
+    assert parent.data.metrics == summary
     space = {a.path for a in client.list_artifacts(parent_id, "space")}
     assert space == {"space/space.yaml", "space/base_config.yaml"}
 
-    runs = by_trial(children)
-    assert set(runs) == {"done1", "prune1", "fail1"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
-    finished = runs["done1"]
+    assert sorted(runs) == [0, 1, 2]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent_id}
+    finished = runs[0]
+    assert finished.data.tags["dsanet.trial_id"] == "done1"
     assert len(finished.data.params) == len(field_names())  # the whole resolved config
-    assert finished.data.params["optim.lr"] == "0.0001"
+    lr = search.trials["done1"].config["optim.lr"]
+    assert finished.data.params["optim.lr"] == str(lr)
     assert finished.data.params["train.epochs"] == "4"  # from the base config
     assert steps(client, finished, "val_ap") == [0, 1]
     assert steps(client, finished, "loss_total") == [0, 1]
-    assert not {"pid", "training_iteration", "epoch", "optuna_trial"} & set(finished.data.metrics)
-    assert finished.data.tags["dsanet.optuna_trial"] == "3"
+    assert set(finished.data.metrics) == {"val_ap", "loss_total", "best_val_ap"}
+    assert finished.data.tags["dsanet.optuna_trial"] == "0"
     assert (finished.info.status, finished.data.tags["dsanet.status"]) == ("FINISHED", "FINISHED")
     artifacts = {a.path for a in client.list_artifacts(finished.info.run_id)}
     assert artifacts == {"best.pt", "config.yaml"}
-    assert (runs["prune1"].info.status, runs["prune1"].data.tags["dsanet.status"]) == (
-        "KILLED",
-        "PRUNED",
-    )
-    assert (runs["fail1"].info.status, runs["fail1"].data.tags["dsanet.status"]) == (
-        "FAILED",
-        "FAILED",
-    )
+    assert (runs[1].info.status, runs[1].data.tags["dsanet.status"]) == ("KILLED", "PRUNED")
+    assert (runs[2].info.status, runs[2].data.tags["dsanet.status"]) == ("FAILED", "FAILED")
+    assert {a.path for a in client.list_artifacts(runs[2].info.run_id)} == {"config.yaml"}
     secrets = {v for k, v in os.environ.items() if len(v) > 8}
-    for run in [parent, *children]:
+    for run in [parent, *runs.values()]:
         assert "mlflow.user" not in run.data.tags
         assert not secrets & (set(run.data.params.values()) | set(run.data.tags.values()))
-    assert tracker.ui_command().startswith(f"{mlflow_server.uri}/#/experiments/")
-    tracker.close()
+    assert view.ui_command().startswith(f"{mlflow_server.uri}/#/experiments/")
+    assert not list(root.glob("*.json"))  # no state of its own in the study folder
 
 
-def test_restore_replays_without_duplicates(mlflow_server, tmp_path):
+def test_a_killed_driver_is_caught_up_once_without_duplicates(mlflow_server, tmp_path):
     spec = write_space(tmp_path, "restore", mlflow_server.uri)
-    study = tmp_path / "study"
-    first = MlflowTracker(study, spec, mlflow_server.uri)
-    parent_id = first.start_parent(resumed=False)
-    a, b, c = make_trial("ta"), make_trial("tb"), make_trial("tc")
-    folders = {t.trial_id: trial_folder(tmp_path, t.trial_id) for t in (a, b, c)}
-    for trial in (a, b, c):
-        first.on_trial_start(0, [], trial)
-    report(first, a, range(2), folders["ta"])
-    first.on_trial_complete(2, [], a)
-    report(first, b, range(1), folders["tb"])
-    first.close()  # the driver dies here (SIGKILL: nothing is ended)
-    # ... just after MLflow created trial tc's run, before the state file recorded it
-    state = json.loads((study / STATE_FILE).read_text())
-    del state["runs"]["tc"]
-    (study / STATE_FILE).write_text(json.dumps(state))
-
-    second = MlflowTracker(study, spec, mlflow_server.uri)
-    assert second.start_parent(resumed=True) == parent_id
+    root = tmp_path / "study"
+    open_study(spec, root)
+    first = MlflowView(root, spec, mlflow_server.uri)
+    parent_id = first.start()
+    search = FakeSearch(root, spec, first)
+    for ray_id in ("ta", "tb", "tc"):
+        search.start(ray_id)
+    search.epochs("ta", range(2))
+    search.end("ta")
+    search.epochs("tb", range(1))
+    # The driver dies (nothing is ended).
+    search.view = None
+    search.epochs("tb", range(1, 2))  # the work MLflow never heard of: a lost epoch and end
+    search.end("tb")
     client = MlflowClient(mlflow_server.uri)
-    left = {r.data.tags["dsanet.trial_id"]: r.info.status for r in runs_of(client, "restore")[1]}
-    assert left == {"ta": "FINISHED", "tb": "KILLED", "tc": "RUNNING"}  # tc: not in the state
-    # Tune restores tb and tc and replays from their last checkpoints (or from scratch)
-    unpickled = pickle.loads(pickle.dumps(second))  # what Tuner.restore hands Tune
-    assert unpickled.parent_run_id == parent_id
-    for tracker, trial in ((second, b), (unpickled, c)):
-        tracker.on_trial_start(0, [], trial)
-        report(tracker, trial, range(2), folders[trial.trial_id])
-        tracker.on_trial_complete(2, [], trial)
-    second.finish_parent("FINISHED")
-    second.close()
+    _, before = runs_of(client, "restore")
+    assert before[1].data.tags["dsanet.epochs"] == "1" and before[1].info.status == "RUNNING"
+    half = client.create_run(
+        before[0].info.experiment_id,
+        run_name="trial-2",
+        tags={
+            "dsanet.run_key": "trial/2",
+            "dsanet.optuna_trial": "2",
+            "dsanet.stage": "search",
+            "dsanet.study": first.study_id,
+            "dsanet.status": "NEW",
+            "mlflow.parentRunId": parent_id,
+        },
+    )
+    # What a kill between creating tc's run and logging its params leaves (in place of the run
+    # the first view made in full): a run with its tags, status NEW and no params.
+    client.delete_run(before[2].info.run_id)
 
-    parents, children = runs_of(client, "restore")
+    second = MlflowView(root, spec, mlflow_server.uri)  # the resumed driver
+    assert second.start() == parent_id
+    search.view = second
+    search.epochs("tc", range(2))
+    search.end("tc")
+    assert second.finish("FINISHED")
+    assert second.sync()  # once more: changes nothing
+
+    parents, runs = runs_of(client, "restore")
     assert [p.info.run_id for p in parents] == [parent_id]
-    assert sorted(by_trial(children)) == ["ta", "tb", "tc"]
-    for run in children:
+    assert sorted(runs) == [0, 1, 2] and runs[2].info.run_id == half.info.run_id
+    assert len(runs[2].data.params) == len(field_names())  # completed by the catch-up
+    for run in runs.values():
         assert run.info.status == "FINISHED"
         for key in ("val_ap", "loss_total"):
             assert steps(client, run, key) == [0, 1], (run.data.tags["dsanet.trial_id"], key)
     assert parents[0].info.status == "FINISHED"
 
 
-def test_a_run_created_just_before_a_kill_is_continued_by_its_adopter(tmp_path):
-    # The driver dies after MLflow created a trial's run and before it saved the run id; Ray
-    # had not saved the trial, so the resumed study adopts its Optuna trial under a new Ray id.
-    spec = write_space(tmp_path, "adopt")
-    study = tmp_path / "study"
-    first = MlflowTracker(study, spec, spec.mlflow.tracking_uri)
-    first.start_parent(resumed=False)
-    on_disk = []  # the state file whenever the queue starts delivering
-    deliver = first._queue._deliver
-
-    def deliver_and_look() -> bool:
-        on_disk.append(json.loads((study / STATE_FILE).read_text()))
-        return deliver()
-
-    first._queue._deliver = deliver_and_look
-    first.on_trial_start(0, [], make_trial("lost"))  # one delivery: MLflow creates the run
-    at_kill = on_disk[-1]  # the state file while the run was being created
-    first.close()
-    (study / STATE_FILE).write_text(json.dumps(at_kill))  # what the kill left on disk
-
-    second = MlflowTracker(study, spec, spec.mlflow.tracking_uri)
-    second.start_parent(resumed=True)
-    adopter = Trial(
-        "dsanet",
-        config={**make_trial("x").config, ADOPTED_KEY: "lost"},
-        trial_id="new",
-        stub=True,
-    )
-    children = finish_study(second, adopter, trial_folder(tmp_path, "new"), "adopt")
-    assert len(children) == 1  # no orphan left RUNNING beside a new run
-    tags = children[0].data.tags
-    assert (tags["dsanet.run_key"], tags["dsanet.trial_id"]) == ("lost", "new")
-    assert children[0].info.status == "FINISHED"
+def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(tmp_path):
+    spec = write_space(tmp_path, "twice")
+    root = tmp_path / "study"
+    search = FakeSearch(root, spec)
+    search.start("t")
+    search.epochs("t", range(1))
+    reports = root / "trials" / "t" / "reports.jsonl"
+    accepted = json.loads(reports.read_text())
+    rewritten = {**accepted, "time": accepted["time"] + 5, "metrics": {"val_ap": 0.1}}
+    with open(reports, "a") as handle:  # the same epoch again, by an attempt Ray did not keep
+        handle.write(json.dumps(rewritten) + "\n")
+    view = MlflowView(root, spec)
+    view.finish("FINISHED")
+    (run,) = runs_of(MlflowClient(view.uri), "twice")[1].values()
+    (point,) = MlflowClient(view.uri).get_metric_history(run.info.run_id, "val_ap")
+    assert (point.value, point.timestamp) == (0.5, int(accepted["time"] * 1000))
 
 
 def test_unreachable_uri_is_a_clear_error(tmp_path):
     port = free_port()
     spec = write_space(tmp_path, "nowhere")
     with pytest.raises(TrackingUnavailable, match=rf"127\.0\.0\.1:{port} is not usable.*server"):
-        MlflowTracker(tmp_path / "study", spec, f"http://127.0.0.1:{port}")
+        MlflowView(tmp_path / "study", spec, f"http://127.0.0.1:{port}")
 
 
 def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     spec = write_space(tmp_path, "local")
-    study = tmp_path / "study"
-    tracker = MlflowTracker(study, spec, spec.mlflow.tracking_uri)
-    assert tracker.tracking_uri == f"sqlite:///{study.resolve()}/mlflow.db"
-    assert tracker.ui_command() == f"mlflow ui --backend-store-uri {tracker.tracking_uri}"
-    tracker.start_parent(resumed=False)
-    children = finish_study(tracker, make_trial("t1"), trial_folder(tmp_path, "t1"), "local")
-    artifacts = Path(children[0].info.artifact_uri)
-    assert str(artifacts).startswith(str(study.resolve() / "mlartifacts"))
-    folder = tmp_path / "trials" / "t1"
+    root = tmp_path / "study"
+    search = FakeSearch(root, spec)
+    view = search.view = MlflowView(root, spec, spec.mlflow.tracking_uri)
+    assert view.uri == f"sqlite:///{root.resolve()}/mlflow.db"
+    assert view.ui_command() == f"mlflow ui --backend-store-uri {view.uri}"
+    view.start()
+    search.start("t1")
+    search.epochs("t1", range(2))
+    search.end("t1")
+    view.finish("FINISHED")
+    (run,) = runs_of(MlflowClient(view.uri), "local")[1].values()
+    artifacts = Path(run.info.artifact_uri)
+    assert str(artifacts).startswith(str(root.resolve() / "mlartifacts"))
+    folder = root / "trials" / "t1"
     # A checkpoint is hard-linked into the local artifact folder, other files are copied.
     assert (artifacts / "best.pt").samefile(folder / "best.pt")
     assert (artifacts / "config.yaml").read_text() == (folder / "config.yaml").read_text()
@@ -243,72 +247,57 @@ def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
 
 
 @pytest.mark.slow  # two extra server starts
-def test_server_outage_buffers_and_delivers(own_mlflow_server, tmp_path, caplog):
+def test_server_outage_then_a_driver_restart_writes_everything_once(
+    own_mlflow_server, tmp_path, caplog
+):
+    """MLflow goes down mid-study; the search goes on; the driver ends and even dies while it is
+    down; once it is back, the next driver writes all of it, once, under one parent."""
     server = own_mlflow_server
     spec = write_space(tmp_path, "outage", server.uri)
-    tracker = MlflowTracker(tmp_path / "study", spec, server.uri)
-    tracker.start_parent(resumed=False)
-    a, b = make_trial("oa"), make_trial("ob")
-    tracker.on_trial_start(0, [], a)
-    report(tracker, a, range(1), trial_folder(tmp_path, "oa"))
+    root = tmp_path / "study"
+    open_study(spec, root)
+    view = MlflowView(root, spec, server.uri)
+    parent_id = view.start()
+    search = FakeSearch(root, spec, view)
+    search.start("oa")
+    search.epochs("oa", range(1))
     server.stop()
 
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="tune.tracking"):
-        report(tracker, a, range(1, 2), trial_folder(tmp_path, "oa"))
-        tracker.on_trial_complete(2, [], a)
-        tracker.on_trial_start(0, [], b)  # its run cannot be created yet
-        report(tracker, b, range(1), trial_folder(tmp_path, "ob"))
-        tracker.finish_parent("FINISHED", {"best_val_ap": 0.6}, wait_s=2)
-    assert time.monotonic() - started < 30  # the hooks do not stall the search
-    assert "unreachable" in caplog.text
-    assert not tracker.flush()
-    assert json.loads((tmp_path / "study" / STATE_FILE).read_text())["pending"]
+        search.epochs("oa", range(1, 2))
+        search.end("oa")
+        search.start("ob")  # its run cannot be created yet
+        search.epochs("ob", range(1))
+        assert not view.finish("KILLED", wait_s=2)
+    assert time.monotonic() - started < 60  # the events do not stall the search
+    assert "unreachable" in caplog.text and "--resume" in caplog.text
+    assert not list(root.glob("*.json"))  # nothing is buffered outside the study's record
 
     server.start()  # same database, same port
-    assert tracker.flush()
+    search.view = None
+    search.epochs("ob", range(1, 2))  # the resumed study goes on before its view catches up
+    search.end("ob")
+    again = MlflowView(root, spec, server.uri)
+    assert again.start() == parent_id
+    assert again.finish("FINISHED")
     client = MlflowClient(server.uri)
-    parents, children = runs_of(client, "outage")
-    runs = by_trial(children)
-    assert steps(client, runs["oa"], "val_ap") == [0, 1]
-    assert runs["oa"].info.status == "FINISHED"
-    assert steps(client, runs["ob"], "val_ap") == [0]
-    assert (runs["ob"].info.status, runs["ob"].data.tags["dsanet.status"]) == (
-        "KILLED",
-        "INTERRUPTED",
-    )
-    assert parents[0].info.status == "FINISHED"
-    assert parents[0].data.metrics["best_val_ap"] == 0.6
-    tracker.close()
-
-
-@pytest.mark.slow  # two extra server starts
-def test_driver_restart_while_the_server_was_down(own_mlflow_server, tmp_path):
-    """The parent run and a trial are queued while MLflow is down; the driver dies; the study
-    resumes once MLflow is back: everything is delivered once, under one parent."""
-    server = own_mlflow_server
-    spec = write_space(tmp_path, "restart", server.uri)
-    study, trial = tmp_path / "study", make_trial("rc")
-    first = MlflowTracker(study, spec, server.uri)
-    server.stop()
-    assert first.start_parent(resumed=False) == ""  # queued
-    first.on_trial_start(0, [], trial)
-    report(first, trial, range(1), trial_folder(tmp_path, "rc"))
-    first.close()  # the driver dies
-    server.start()
-
-    second = MlflowTracker(study, spec, server.uri)
-    parent_id = second.start_parent(resumed=True)
-    assert parent_id
-    second.on_trial_start(0, [], trial)
-    report(second, trial, range(2), trial_folder(tmp_path, "rc"))
-    second.on_trial_complete(2, [], trial)
-    second.finish_parent("FINISHED")
-    second.close()
-
-    client = MlflowClient(server.uri)
-    parents, children = runs_of(client, "restart")
+    parents, runs = runs_of(client, "outage")
     assert [p.info.run_id for p in parents] == [parent_id]
-    assert [r.data.tags["dsanet.trial_id"] for r in children] == ["rc"]
-    assert steps(client, children[0], "val_ap") == [0, 1]
-    assert children[0].info.status == "FINISHED"
+    for number in (0, 1):
+        assert steps(client, runs[number], "val_ap") == [0, 1]
+        assert runs[number].info.status == "FINISHED"
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_events_of_trials_without_an_optuna_number_are_ignored(tmp_path):
+    spec = write_space(tmp_path, "foreign")
+    root = tmp_path / "study"
+    open_study(spec, root)
+    view = MlflowView(root, spec)
+    view.start()
+    stranger = Trial("dsanet", config={"x": 1}, trial_id="zz", stub=True)
+    view.on_trial_result(0, [], stranger, {"val_ap": 1.0})
+    view.finish("FINISHED")
+    assert runs_of(MlflowClient(view.uri), "foreign")[1] == {}
+    assert OPTUNA_KEY not in stranger.config
