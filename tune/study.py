@@ -275,11 +275,12 @@ def _restorable(ray_dir: Path) -> bool:
 def _use_this_run(
     tuner: Any, search_alg: Any, scheduler: Any, callbacks: list, reporter: Any
 ) -> None:
-    """Make a restored Tuner use this run's searcher, scheduler, tracker and progress table.
+    """Make a restored Tuner use this run's searcher, scheduler, MLflow view and progress table.
 
     Tuner.restore runs with the TuneConfig and RunConfig pickled when the study first started:
-    a scheduler without the rungs rebuilt here and an MLflow tracker whose parent run this
-    process did not open. Ray has no public way to replace them, hence the private fields.
+    a scheduler without the rungs rebuilt here, and no MLflow view (a pickled one restores as a
+    callback that does nothing). Ray has no public way to replace them, hence the private
+    fields.
     """
     internal = tuner._local_tuner
     internal._tune_config.search_alg = search_alg

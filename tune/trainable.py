@@ -4,7 +4,7 @@ Each epoch is reported once with a checkpoint (hard links to the trainer's `last
 and `config.yaml`, plus the epoch count). Ray's checkpoint is the truth on a restart: the
 trial's folder is reset to it (or emptied when there is none) before `fit(resume=True)`
 continues, so a restart repeats at most the epoch Ray had not yet registered, and the searcher,
-ASHA and the MLflow tracker each record an epoch once. Workers are reused between trials
+ASHA and the MLflow view each record an epoch once. Workers are reused between trials
 (function trainables allow it when the last trial's thread ends within Ray's 2 s), keep the
 memory-mapped feature cache open, run `resources.cpu` torch threads and cap a fractional GPU
 share. Inside a trial only `ray.tune.report/get_checkpoint/get_context/Checkpoint` are used.
@@ -118,7 +118,7 @@ class SlimFinishedCheckpoints(Callback):
     trial resumes from it; `best.pt`, `config.yaml` and the epoch count stay. A trial restored
     from such a checkpoint (Ray's snapshot lagging a crash) just ends. The trial folder's
     `best.pt`, a byte-identical copy of the checkpoint's, becomes a hard link to it (the MLflow
-    tracker, after this callback, links its artifact to the same file where it can).
+    view, after this callback, links its artifact to the same file where it can).
     """
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

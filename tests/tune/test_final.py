@@ -10,7 +10,8 @@ from conftest import tiny_run_overrides, write_space
 from mlflow import MlflowClient
 
 from tune.final import final_configs, run_final_stage
-from tune.tracking import MlflowTracker
+from tune.searcher import open_study
+from tune.tracking import MlflowView
 
 
 def tiny_space(tmp_path, xd_mini, uri: str):
@@ -42,9 +43,10 @@ def test_final_configs_override_protocol_seed_and_folder(tmp_path):
 def test_final_stage_two_seeds_then_resume(mlflow_server, tmp_path, xd_mini, capsys):
     spec = tiny_space(tmp_path, xd_mini, mlflow_server.uri)
     study = tmp_path / "study"
-    tracker = MlflowTracker(study, spec, mlflow_server.uri)
-    parent_id = tracker.start_parent(resumed=False)
-    summary = run_final_stage(spec, spec.base, study, tracker, seeds=2)
+    open_study(spec, study)
+    view = MlflowView(study, spec, mlflow_server.uri)
+    parent_id = view.start()
+    summary = run_final_stage(spec, spec.base, study, view, seeds=2)
 
     for key in ("auc", "ap", "map_avg", "map_avg_corrected"):
         assert {f"final_{key}_mean", f"final_{key}_std"} <= set(summary)
@@ -70,13 +72,13 @@ def test_final_stage_two_seeds_then_resume(mlflow_server, tmp_path, xd_mini, cap
     plotted = json.loads((study / "report" / "best" / "metrics.json").read_text())
     assert plotted["frame_auc"] == pytest.approx(result["test"]["auc"], abs=1e-6)  # same model
 
-    tracker.close()  # a later session resumes the study
+    # a later session resumes the study
     stamp = (seed_dir / "result.json").stat().st_mtime_ns
-    again = MlflowTracker(study, spec, mlflow_server.uri)
-    again.start_parent(resumed=True)
+    again = MlflowView(study, spec, mlflow_server.uri)
+    assert again.start() == parent_id
     assert run_final_stage(spec, spec.base, study, again, seeds=2) == summary
     assert (seed_dir / "result.json").stat().st_mtime_ns == stamp  # not retrained
     assert len(final_runs(client, parent_id)) == 2
     assert len(client.get_metric_history(parent_id, "final_auc_mean")) == 1
-    again.finish_parent("FINISHED")
-    again.close()
+    assert again.finish("FINISHED")
+    assert client.get_run(parent_id).info.status == "FINISHED"

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import optuna
 import yaml
 from conftest import tiny_run_overrides, write_space, write_tiny_tree
-from mlflow import MlflowClient
 
 from dsanet.config import load_config
 from dsanet.trainer import RESULT, fit
 from tune.report import pick_videos, write_best_trial_artifacts, write_study_artifacts
 from tune.space import optuna_distributions
-from tune.tracking import PARENT, MlflowTracker
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 
@@ -46,18 +43,14 @@ def small_study(spec, outcomes: list[tuple[optuna.trial.TrialState, float]]) -> 
     return study
 
 
-def test_study_artifacts_are_logged_to_the_parent(mlflow_server, tmp_path):
-    spec = write_space(tmp_path, "report", mlflow_server.uri)
+def test_study_artifacts(tmp_path):
+    spec = write_space(tmp_path, "report")
     study_dir = tmp_path / "study"
-    tracker = MlflowTracker(study_dir, spec, mlflow_server.uri)
-    parent = tracker.start_parent(resumed=False)
     outcomes = [(COMPLETE, 0.5), (PRUNED, 0.2), (COMPLETE, 0.7), (COMPLETE, 0.6), (PRUNED, 0.3)]
-    write_study_artifacts(small_study(spec, outcomes), tracker, study_dir)
-    tracker.close()
-
-    logged = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(parent, "study")}
+    folder = write_study_artifacts(small_study(spec, outcomes), spec, study_dir)
+    assert folder == study_dir / "report" / "study"  # the MLflow view logs it to the parent
     expected = {"history.png", "parallel.png", "importance.png", "importance.json"}
-    assert logged == {f"study/{name}" for name in expected | {"trials.csv", "best_config.yaml"}}
+    assert {p.name for p in folder.iterdir()} == expected | {"trials.csv", "best_config.yaml"}
     with (study_dir / "report" / "study" / "trials.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE", "PRUNED"]
@@ -68,14 +61,9 @@ def test_study_artifacts_are_logged_to_the_parent(mlflow_server, tmp_path):
     assert best["optim"]["lr"] == 3e-05 and best["model"]["num_prototypes"] == 4
 
 
-def test_few_trials_and_several_objectives(mlflow_server, tmp_path):
-    spec = write_space(
-        tmp_path, "report-few", mlflow_server.uri, metric=["val_ap", "val_auc"], mode=["max"] * 2
-    )
-    tracker = MlflowTracker(tmp_path / "study", spec, mlflow_server.uri)
-    tracker.start_parent(resumed=False)
-    write_study_artifacts(small_study(spec, [(COMPLETE, 0.5), (PRUNED, 0.2)]), tracker, tmp_path)
-    tracker.close()
+def test_few_trials_and_several_objectives(tmp_path):
+    spec = write_space(tmp_path, "report-few", metric=["val_ap", "val_auc"], mode=["max"] * 2)
+    write_study_artifacts(small_study(spec, [(COMPLETE, 0.5), (PRUNED, 0.2)]), spec, tmp_path)
     files = {p.name for p in (tmp_path / "report" / "study").iterdir()}
     assert {"history_val_ap.png", "history_val_auc.png", "parallel_val_auc.png"} <= files
     assert not any(name.startswith("importance") for name in files)  # one complete trial
@@ -95,10 +83,8 @@ def test_best_model_artifacts_of_a_tiny_run(tmp_path):
     extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
     cfg = load_config("demo", tiny_run_overrides(data, tmp_path / "run") + extra)
     run = fit(cfg).out_dir
-    logged = []
-    tracker = SimpleNamespace(log_artifact=lambda *args: logged.append(args))
-    folder = write_best_trial_artifacts(run, tracker, tmp_path / "study")
-    assert logged == [(PARENT, folder, "best")]
+    folder = write_best_trial_artifacts(run, tmp_path / "study")
+    assert folder == tmp_path / "study" / "report" / "best"  # the MLflow view logs it
     expected = {"videos.png", "roc.png", "pr.png", "confusion.png", "confusion.json"}
     assert {p.name for p in folder.iterdir()} == expected | {"metrics.json"}
     shown = json.loads((folder / "metrics.json").read_text())

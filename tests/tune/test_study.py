@@ -8,6 +8,7 @@ is resumed with nothing lost or run twice. `--dry-run` and bad input never start
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -371,25 +372,27 @@ def test_resume_after_a_kill_before_ray_saved_any_trial(tmp_path, xd_small, ray_
     for t in trials:
         assert epochs_of(t) == [1]
         assert [r["epoch"] for r in reports(root, t.user_attrs["ray_trial_id"])] == [0]
-    adopted = {t.user_attrs["adopted_from"]: t for t in trials if t.user_attrs.get("adopted_from")}
-    assert had_run and had_run <= adopted.keys()  # Ray lost both trials
+    adopted = {t.number for t in trials if t.user_attrs.get("adopted_from")}
+    assert had_run and had_run <= {f"trial/{n}" for n in adopted}  # Ray lost both trials
     runs = {r.data.tags["dsanet.run_key"]: r for r in mlflow_children(root)}
-    for lost, t in adopted.items():
-        # A lost trial's run is continued, not left beside a new one; one without a run gets
-        # its own under the new Ray id.
-        key = lost if lost in had_run else t.user_attrs["ray_trial_id"]
-        assert runs[key].data.tags["dsanet.trial_id"] == t.user_attrs["ray_trial_id"]
+    for t in trials:  # a lost trial's run is continued by its adopter, not left beside a new one
+        run = runs[f"trial/{t.number}"]
+        assert run.data.tags["dsanet.trial_id"] == t.user_attrs["ray_trial_id"]
     assert_mlflow_matches(root, trials)
 
 
 def _run_keys(root: Path) -> set[str]:
-    """The trials whose MLflow run exists (read from the tracker's state file, which is cheap
-    enough to poll)."""
+    """The keys of the trial runs in the study's MLflow store (read-only SQL: cheap to poll)."""
+    import sqlite3
+
+    query = "SELECT value FROM tags WHERE key = 'dsanet.run_key' AND value LIKE 'trial/%'"
     try:
-        runs = json.loads((root / "mlflow_state.json").read_text())["runs"]
-    except (OSError, ValueError):  # not written yet, or replaced while being read
+        with contextlib.closing(
+            sqlite3.connect(f"file:{root / 'mlflow.db'}?mode=ro", uri=True)
+        ) as db:
+            return {key for (key,) in db.execute(query)}
+    except sqlite3.Error:  # not created yet, or busy
         return set()
-    return {key for key, record in runs.items() if key != "study" and record.get("run_id")}
 
 
 def _has_children(root: Path) -> bool:
