@@ -11,7 +11,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -480,7 +480,12 @@ def load_config(
         path = Path(path)
         if not path.suffix and not is_file(path, ConfigError):  # shipped: configs/<name>.yaml
             path = CONFIG_DIR / f"{path}.yaml"
-        tree = _read_tree(path, seen=())
+        if not is_file(path, ConfigError):
+            raise FileNotFoundError(
+                f"config file {path.resolve()} not found; pass an existing YAML file "
+                f"(examples are in dsanet/configs/)"
+            )
+        tree = read_tree(path, ConfigError, _anchor_data, _SECTIONS)
         source = str(path)
     cfg = from_dict(tree, source)
     if overrides:
@@ -489,36 +494,49 @@ def load_config(
     return cfg
 
 
-def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_tree(
+    path: Path,
+    error: type[Exception],
+    anchor: Callable[[dict[str, Any], Path], None],
+    kind: str,
+    seen: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """The mapping of the YAML file `path` (a config or a search space), merged by `merge` over
+    the file its `extends:` names (relative to it; chains of up to EXTENDS_LIMIT files), or over
+    nothing. `anchor` makes the file's relative paths absolute; each failure is one `error`
+    naming the file."""
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in seen]}")
+        raise error(f"{path}: extends: forms a cycle through {[str(p) for p in seen]}")
     if len(seen) >= EXTENDS_LIMIT:
-        raise ConfigError(
-            f"{path}: 'extends' chains more than {EXTENDS_LIMIT} files; merge some of them"
-        )
-    if not is_file(path, ConfigError):
-        raise FileNotFoundError(
-            f"config file {path} not found; pass an existing YAML file "
-            f"(examples are in dsanet/configs/)"
-        )
-    tree = load_yaml_file(path, ConfigError) or {}
+        raise error(f"{path}: extends: chains more than {EXTENDS_LIMIT} files; merge some of them")
+    tree = load_yaml_file(path, error) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(
-            f"{path}: top level must be a mapping of sections "
-            f"(data, model, text, loss, optim, train, eval)"
-        )
-    anchor_paths(tree.get("data"), path.parent)
+        raise error(f"{path}: top level must be a mapping {kind}")
+    anchor(tree, path.parent)
     parent = tree.pop("extends", None)
     if parent is None:
-        return tree
+        return merge({}, tree)  # the same rule for a file with no parent: null is unset
     if not isinstance(parent, str) or not parent or "\x00" in parent:
-        raise ConfigError(
-            f"{path}: extends={brief(parent)} is not a file path; "
-            f"name the parent config, e.g. extends: xd.yaml"
+        raise error(
+            f"{path}: extends: {brief(parent)} is not a file path; name the parent file, "
+            f"e.g. extends: xd.yaml"
         )
-    base = _read_tree(path.parent / parent, seen + (path,))
-    return _merge(base, tree)
+    parent_path = path.parent / parent
+    try:
+        found = is_file(parent_path, error)
+    except error as exc:
+        raise error(f"{path}: extends: {exc}") from exc
+    if not found:
+        raise error(f"{path}: extends: {parent_path} not found; give a path relative to this file")
+    return merge(read_tree(parent_path, error, anchor, kind, seen + (path,)), tree)
+
+
+_SECTIONS = "of sections (data, model, text, loss, optim, train, eval)"
+
+
+def _anchor_data(tree: dict[str, Any], folder: Path) -> None:
+    anchor_paths(tree.get("data"), folder)
 
 
 def is_file(path: Path, error: type[Exception]) -> bool:
@@ -545,11 +563,16 @@ def _relative_path(value: Any) -> bool:
     return not Path(os.path.expanduser(value)).is_absolute()  # "~nosuchuser" stays relative
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base` (an `extends:` parent): mappings merge key by key at every depth, a null
+    removes the key (so its default applies), any other value replaces the inherited one."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping):
+            inherited = out.get(key)
+            out[key] = merge(inherited if isinstance(inherited, Mapping) else {}, value)
         else:
             out[key] = value
     return out

@@ -64,6 +64,17 @@ def test_extends_and_relative_paths(tmp_path):
     assert cfg.data.list_dir == str(tmp_path / "lists")
 
 
+def test_extends_merges_at_every_depth_and_null_unsets(tmp_path):
+    """The one merge rule of configs and search spaces (`dsanet.config.merge`)."""
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.5, gamma: 0.2}\nmodel: {decoder_depth: 2}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim: {lr: null}\nmodel:\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.optim.lr, cfg.optim.gamma) == (ExperimentConfig().optim.lr, 0.2)
+    assert cfg.model.decoder_depth == ExperimentConfig().model.decoder_depth  # so does a section
+    (tmp_path / "alone.yaml").write_text("optim: {lr: null, gamma: 0.3}\n")
+    assert load_config(tmp_path / "alone.yaml").optim.lr == ExperimentConfig().optim.lr
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["model.num_prototypes=4", "eval.iou_thresholds=[0.3]"])
     path = tmp_path / "resolved.yaml"
@@ -101,7 +112,7 @@ BAD_CONFIGS = {
     "override bad value": ("", ["train.device=tpu"], "train.device='tpu'"),
     "val fraction zero": ("data: {val_fraction: 0}\n", [], "data.val_fraction"),
     "extends missing": ("extends: nowhere.yaml\n", [], "not found"),
-    "extends not a path": ("extends: [a, b]\n", [], r"extends=\['a', 'b'\] is not a file path"),
+    "extends not a path": ("extends: [a, b]\n", [], r"extends: \['a', 'b'\] is not a file path"),
     "alias bomb": (ALIAS_BOMB, [], r"line 1, column 4: YAML anchors and aliases .*write the"),
     "alias": (
         "model: {num_prototypes: &k 4, decoder_depth: *k}\n",

@@ -19,8 +19,7 @@ from pathlib import Path
 from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict
 from dsanet.errors import brief
 from dsanet.yamlio import load_yaml_file
-from tune.space import SpaceSpec, load_space
-from tune.space_settings import TRIALS_LIMIT
+from tune.space import TRIALS_LIMIT, SpaceSpec, load_space
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from tune.searcher import RAY_TRIAL_ATTR, STEP_KEY, epoch_records
-from tune.space import SpaceSpec
-from tune.space_settings import SchedulerSpec
+from tune.space import SchedulerSpec, SpaceSpec
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from dsanet.errors import brief
-from tune.space import SpaceSpec, sample
-from tune.space_settings import SearcherSpec
+from tune.space import SearcherSpec, SpaceSpec, sample
 
 log = logging.getLogger(__name__)
 

@@ -1,45 +1,135 @@
-"""The `search:` block of a space: searched parameters, their conditions and order, and the
-`points_to_evaluate` checked against them."""
+"""The `search:` block of a space (searched parameters, their conditions and order), the
+`points_to_evaluate` checked against it, and the value checks every block of a space shares.
+
+Each failure is a `Problem` ('key path: what is wrong, and the fix'); `tune.space.load_space`
+adds the file's name and raises it as one `SpaceError`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 
-from dsanet.config import ExperimentConfig, flatten
+from dsanet.config import ConfigError, ExperimentConfig, flatten
 from dsanet.errors import brief
-from tune.space_values import (
-    DEFAULTS,
-    apply_overrides,
-    as_mapping,
-    as_number,
-    check_field,
-    check_keys,
-    check_value,
-    fail,
-)
 
+DEFAULTS = flatten(ExperimentConfig())  # dotted field -> default; its type is the field's type
+# Integers in a space lie within ±INT_LIMIT: config integers are counts, sizes and seeds, and
+# Optuna samples them through float64, exact only to 2**53.
+INT_LIMIT = 2**31 - 1
+# Each listed value costs one config validation (~3 ms): more than this many choices should be a
+# range, and points_to_evaluate are a few known settings, not a grid.
+CHOICES_LIMIT = POINTS_LIMIT = 100
+# A float step grid of more than a million points is continuous in practice, and the check that
+# the step divides the range (1e-9 of a step, in float64's 16 digits) stays exact up to 1e6 steps.
+GRID_LIMIT = 10**6
+_MAX_CHECKED_INTS = 64  # int ranges up to this many values are checked value by value
+_WHERE_LIMIT = 160  # characters of a key path an error message keeps
+_SUGGEST_LIMIT = 100  # longer keys get no "did you mean" (difflib's work grows with length)
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "condition")
-# Fields a trial must not vary, and why.
-_FIXED = {
+_FIXED = {  # fields a trial must not vary, and why
     "data.protocol": "it decides which metrics the trainer reports",
     "train.epochs": "scheduler.max_t is checked against it",
     "train.out_dir": "the runner gives each trial its own folder",
 }
-_MAX_CHECKED_INTS = 64  # int ranges up to this many values are checked value by value
-# Each listed value costs one config validation (~3 ms): more than this many choices should be a
-# range, and points_to_evaluate are a few known settings, not a grid.
-CHOICES_LIMIT = 100
-POINTS_LIMIT = 100
-# A float step grid of more than a million points is continuous in practice, and the check that
-# the step divides the range (1e-9 of a step, in float64's 16 digits) stays exact up to 1e6 steps.
-GRID_LIMIT = 10**6
+
+
+class SpaceError(ValueError):
+    """A search-space file is invalid; the message names the file, the field and the fix."""
+
+
+class Problem(Exception):
+    """'field: what is wrong, and the fix'; load_space adds the file and raises a SpaceError."""
+
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def fail(where: str, message: str) -> NoReturn:
+    if len(where) > _WHERE_LIMIT:  # a key path built from a huge key
+        where = f"{where[: _WHERE_LIMIT - 12]}… ({len(where)} chars)"
+    raise Problem(f"{where}: {message}")
+
+
+def close_matches(word: Any, candidates: Sequence[str], n: int, cutoff: float = 0.6) -> list:
+    """difflib's close matches of `word`; none for a word too long to be a typo."""
+    word = str(word)
+    if len(word) > _SUGGEST_LIMIT:
+        return []
+    return difflib.get_close_matches(word, candidates, n=n, cutoff=cutoff)
+
+
+def check_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            close = close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            at = str(key) if where == "top level" else f"{where}.{key}"
+            fail(at, f"unknown key; {hint}valid keys: {list(valid)}")
+
+
+def check_field(name: str, where: str) -> None:
+    if name in DEFAULTS:
+        return
+    same_leaf = [f for f in DEFAULTS if f.split(".")[-1] == str(name).split(".")[-1]]
+    others = [f for f in DEFAULTS if f not in same_leaf]
+    close = same_leaf + close_matches(name, others, n=3, cutoff=0.75)
+    hint = f"did you mean {close}? " if close else ""
+    fail(where, f"{brief(name)} is not an ExperimentConfig field; {hint}valid: {sorted(DEFAULTS)}")
+
+
+def check_value(base: ExperimentConfig, name: str, value: Any, where: str) -> Any:
+    """`value` as the config types it, once the config's own validation has accepted it."""
+    try:
+        return flatten(base.with_overrides({name: value}))[name]
+    except ConfigError as exc:
+        reason = str(exc).removeprefix("override: ").replace("\n ", "")
+        fail(where, f"{brief(value)} is rejected by the config ({reason}); change the value")
+
+
+def apply_overrides(base: ExperimentConfig, overrides: Any, where: str) -> ExperimentConfig:
+    try:
+        return base.with_overrides(overrides)
+    except ConfigError as exc:
+        fail(where, str(exc).removeprefix("override: "))
+
+
+def as_mapping(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        fail(where, f"must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def as_number(value: Any, where: str, integer: bool = False) -> float:
+    """A finite number (an integer within ±INT_LIMIT if `integer`); never a boolean."""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(where, f"{brief(value)} is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(where, f"{value} is not a finite number; give a number")
+    if not integer:
+        if isinstance(value, int) and abs(value) > sys.float_info.max:
+            fail(where, f"{brief(value)} is not a finite number (too large for a float)")
+        return value
+    if isinstance(value, float) and not value.is_integer():
+        fail(where, f"{value} is not an integer")
+    if abs(value) > INT_LIMIT:
+        fail(where, f"{brief(value)} is out of range; integers here lie within ±{INT_LIMIT}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- parameters
 
 
 @dataclass(frozen=True)
@@ -69,6 +159,14 @@ class Param:
         if self.kind == "categorical":
             return brief(list(self.choices))
         return f"[{self.low}, {self.high}]" + (f" in steps of {self.step}" if self.step else "")
+
+
+def distribution(p: Param) -> optuna.distributions.BaseDistribution:
+    if p.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(p.choices)
+    if p.kind == "int":
+        return optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
 
 
 def parse_search(raw: Any, base: ExperimentConfig) -> tuple[Param, ...]:
@@ -147,11 +245,7 @@ def _numeric(name: str, kind: str, raw: Mapping[str, Any], base: ExperimentConfi
         fail(f"{where}.log", f"{brief(log)} is not true or false")
     if log and low <= 0:
         fail(f"{where}.low", f"a log range needs low > 0 (got {low}); raise low or drop log")
-    step = raw.get("step")
-    if step is not None:
-        if log:
-            fail(f"{where}.step", "must be > 0 and cannot be combined with log")
-        step = _int_step(step, low, high, where) if integer else _float_step(step, low, high, where)
+    step = None if raw.get("step") is None else _step(raw["step"], low, high, where, integer, log)
     grid = range(int(low), int(high) + 1, int(step or 1)) if integer else ()
     for value in grid if 0 < len(grid) <= _MAX_CHECKED_INTS else (low, high):
         check_value(base, name, value, where)
@@ -160,34 +254,27 @@ def _numeric(name: str, kind: str, raw: Mapping[str, Any], base: ExperimentConfi
     return Param(name, kind, low=low, high=high, log=log, step=step)
 
 
-def _int_step(raw: Any, low: int, high: int, where: str) -> int:
-    step = as_number(raw, f"{where}.step", integer=True)
+def _step(raw: Any, low: float, high: float, where: str, integer: bool, log: bool) -> float:
+    """A step that divides [low, high]; a float step is normal, and coarser than GRID_LIMIT."""
+    where = f"{where}.step"
+    step = 0 if log else as_number(raw, where, integer=integer)  # a log range takes no step
     if step <= 0:
-        fail(f"{where}.step", "must be > 0 and cannot be combined with log")
-    if (high - low) % step:
-        fail(f"{where}.step", f"high - low = {high - low} is not a multiple of {step}")
-    return step
-
-
-def _float_step(raw: Any, low: float, high: float, where: str) -> float:
-    step = as_number(raw, f"{where}.step")
-    if step <= 0:
-        fail(f"{where}.step", "must be > 0 and cannot be combined with log")
-    if step < sys.float_info.min:
+        fail(where, "must be > 0 and cannot be combined with log")
+    count = (high - low) / step
+    if not integer and step < sys.float_info.min:
         fail(
-            f"{where}.step",
+            where,
             f"{step} is below the smallest normal float {sys.float_info.min}; "
             f"use a larger step, or drop step for a continuous range",
         )
-    count = (high - low) / step
-    if count > GRID_LIMIT:
+    if not integer and count > GRID_LIMIT:
         fail(
-            f"{where}.step",
+            where,
             f"{step} cuts [{low}, {high}] into {count:.3g} steps, more than {GRID_LIMIT}; "
             f"use a larger step, or drop step for a continuous range",
         )
-    if abs(count - round(count)) > 1e-9:
-        fail(f"{where}.step", f"high - low = {high - low} is not a multiple of {step}")
+    if (high - low) % step if integer else abs(count - round(count)) > 1e-9:
+        fail(where, f"high - low = {high - low} is not a multiple of {step}")
     return step
 
 
@@ -238,6 +325,9 @@ def _order(params: list[Param]) -> tuple[Param, ...]:
     return tuple(ordered)
 
 
+# ---------------------------------------------------------------------------- starting points
+
+
 def parse_points(raw: Any, params: tuple[Param, ...], base: ExperimentConfig) -> list[dict]:
     if not isinstance(raw, list):
         fail("points_to_evaluate", "must be a list of mappings (or the word base)")
@@ -247,19 +337,14 @@ def parse_points(raw: Any, params: tuple[Param, ...], base: ExperimentConfig) ->
     for i, entry in enumerate(raw):
         where = f"points_to_evaluate[{i}]"
         if entry == "base":  # every searched parameter at its base-config value
-            entry = _base_point(params, base)
+            values, entry = flatten(base), {}
+            for p in params:
+                if p.active(entry):
+                    entry[p.name] = values[p.name]
         elif not isinstance(entry, Mapping):
             fail(where, "must map searched parameters to values, or be the word base")
         points.append(_check_point(dict(entry), params, base, where))
     return points
-
-
-def _base_point(params: tuple[Param, ...], base: ExperimentConfig) -> dict[str, Any]:
-    values, point = flatten(base), {}
-    for p in params:
-        if p.active(point):
-            point[p.name] = values[p.name]
-    return point
 
 
 def _check_point(
@@ -287,11 +372,3 @@ def _check_point(
         typed[p.name] = value
     apply_overrides(base, typed, where)  # the values together, e.g. attn_window with visual_length
     return typed
-
-
-def distribution(p: Param) -> optuna.distributions.BaseDistribution:
-    if p.kind == "categorical":
-        return optuna.distributions.CategoricalDistribution(p.choices)
-    if p.kind == "int":
-        return optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
-    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)

@@ -17,11 +17,11 @@ from tune.space import (
     SpaceError,
     load_space,
     optuna_distributions,
+    reportable_metrics,
     sample,
     sampled_values,
     trial_config,
 )
-from tune.space_settings import reportable_metrics
 
 SEARCH = {
     "optim.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
@@ -776,6 +776,23 @@ def test_extends_merges_blocks_and_null_removes(tmp_path: Path):
     assert "loss.label_smoothing" not in names and names[-1] == "loss.w_bkg"
     assert (spec.base.optim.gamma, spec.base.loss.w_sep) == (0.5, 0.5)
     assert spec.name == "child" and spec.scheduler.max_t == 4
+
+
+def test_extends_merges_parameters_key_by_key_like_configs(tmp_path: Path):
+    """Spaces and configs share dsanet.config.merge: a child's mapping merges into the inherited
+    one at every depth (a parameter keeps the keys it does not give), and null removes a key."""
+    write(tmp_path, GOOD, "parent.yaml")
+    child = {
+        "extends": "parent.yaml",
+        "search": {"optim.lr": {"high": 1e-2}, "model.decoder_depth": {"step": None}},
+        "scheduler": {"max_t": 3},
+    }
+    spec = load_space(write(tmp_path, child, "child.yaml"))
+    by_name = {p.name: p for p in spec.params}
+    lr, depth = by_name["optim.lr"], by_name["model.decoder_depth"]
+    assert (lr.low, lr.high, lr.log) == (1e-5, 1e-2, True)
+    assert (depth.kind, depth.low, depth.high, depth.step) == ("int", 2, 6, None)
+    assert (spec.scheduler.max_t, spec.scheduler.reduction_factor) == (3, 2.0)
 
 
 def test_extends_errors(tmp_path: Path):
