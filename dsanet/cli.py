@@ -53,9 +53,15 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dsanet.runs import load_run
 
+    if args.plots and args.split != "test":
+        raise ValueError("--plots draws the test set: leave out --split val, or --plots")
     run = load_run(args.checkpoint, args.overrides, split=args.split)
     scores = run.test_metrics() if args.split == "test" else run.validation_metrics()
     print(json.dumps(scores, indent=1))
+    if args.plots:
+        from dsanet.plots import write_test_plots
+
+        print(f"plots in {write_test_plots(run, Path(args.plots))}")
     return 0
 
 
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="best.pt or last.pt of a run, or the run folder"
     )
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.add_argument(
+        "--plots", metavar="DIR", help="also draw test-set plots (videos, ROC, PR, classes) here"
+    )
     evaluate.add_argument("overrides", nargs="*", help="section.field=value ...")
     evaluate.set_defaults(run=_evaluate)
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from dsanet.config import ExperimentConfig
 from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
+from dsanet.plots import write_test_plots
+from dsanet.runs import load_run
 from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
-from tune.report import write_best_trial_artifacts
 from tune.space import SpaceSpec
 from tune.tracking import MlflowView
 
@@ -65,7 +66,8 @@ def run_final_stage(
     path, text = Path(study_dir) / "final" / "summary.json", json.dumps(summary, indent=1)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
         path.write_text(text)
-    write_best_trial_artifacts(Path(configs[min(configs)].train.out_dir), study_dir)
+    first = load_run(configs[min(configs)].train.out_dir)
+    write_test_plots(first, Path(study_dir) / "report" / "best")
     print(format_table({s: results[s]["test"] for s in configs}, summary))
     view.sync()
     return summary
