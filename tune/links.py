@@ -1,23 +1,6 @@
-"""Hard links that replace a file atomically: one copy of a study's weights under several names.
+"""Kept only for `tune/mlflow_queue.py`, which imports `link_atomic` from here: the function
+lives in `dsanet.files`. Delete this module once that import names `dsanet.files`."""
 
-dsanet writes a `.pt` file once and only ever replaces it whole, so the names sharing its inode
-never see a change.
-"""
+from dsanet.files import link_atomic
 
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-
-def link_atomic(source: Path, target: Path) -> bool:
-    """Make `target` a hard link to `source`, replacing any file there in one rename. False,
-    with nothing changed, where links cannot be made (another filesystem, not supported)."""
-    tmp = target.with_name(f".{target.name}.link-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)
-        os.link(source, tmp)
-    except OSError:
-        return False
-    os.replace(tmp, target)
-    return True
+__all__ = ["link_atomic"]
