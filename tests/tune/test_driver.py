@@ -28,7 +28,7 @@ from ray_fixtures import (
     write_space,
 )
 
-from tune.study import main
+from tune.driver import main
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
