@@ -126,7 +126,7 @@ def run_study(space: Path, storage: Path, log: Path, timeout: float) -> dict[str
 
 def read_reports(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Every trial's reports.jsonl lines, by Ray trial id."""
-    from tune.trainable import REPORTS_FILE, TRIALS_DIR
+    from tune.layout import REPORTS_FILE, TRIALS_DIR
 
     found = {}
     for path in sorted((root / TRIALS_DIR).glob(f"*/{REPORTS_FILE}")):

@@ -1,12 +1,13 @@
 """Report artifacts of a study: search plots and tables, and test-set plots of the best model.
 
-Files are written under `<study_dir>/report/study/` and `<study_dir>/report/best/`, then logged
-to the study's parent MLflow run under `study/` and `best/`.
+Files are written under `<study_dir>/report/study/` and `<study_dir>/report/best/` (see
+`tune/layout.py`), then logged to the study's parent MLflow run under `study/` and `best/`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import warnings
@@ -20,7 +21,9 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from dsanet.config import ExperimentConfig
+from dsanet.files import write_atomic
 from dsanet.metrics import frame_auc_ap, frame_scores
+from tune.layout import StudyFolder
 from tune.space import SpaceSpec, sampled_values, trial_config
 from tune.tracking import PARENT, MlflowTracker
 
@@ -42,7 +45,7 @@ def write_study_artifacts(study: optuna.Study, tracker: MlflowTracker, study_dir
     if best is None:
         log.info("report: no complete trial yet, so no best_config.yaml")
     else:
-        (folder / "best_config.yaml").write_text(best.to_yaml())
+        write_atomic(folder / "best_config.yaml", best.to_yaml())
     for index, name in enumerate(names):
         suffix = "" if len(names) == 1 else f"_{name}"
         target = None if len(names) == 1 else (lambda t, i=index: t.values[i])
@@ -82,16 +85,17 @@ def write_trials_csv(study: optuna.Study, names: Sequence[str], path: Path) -> N
     header = ["number", "state", *[f"value_{n}" for n in names]]
     header += ["intermediate_values", "last_step", "duration_s", *params]
     header += [f"attr.{a}" for a in attrs]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for t in trials:
-            values = list(t.values) if t.values else [""] * len(names)
-            steps = sorted(t.intermediate_values)
-            duration = t.duration.total_seconds() if t.duration else ""
-            row = [t.number, t.state.name, *values, len(steps), steps[-1] if steps else ""]
-            row += [duration, *[t.params.get(p, "") for p in params]]
-            writer.writerow(row + [t.user_attrs.get(a, "") for a in attrs])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    for t in trials:
+        values = list(t.values) if t.values else [""] * len(names)
+        steps = sorted(t.intermediate_values)
+        duration = t.duration.total_seconds() if t.duration else ""
+        row = [t.number, t.state.name, *values, len(steps), steps[-1] if steps else ""]
+        row += [duration, *[t.params.get(p, "") for p in params]]
+        writer.writerow(row + [t.user_attrs.get(a, "") for a in attrs])
+    write_atomic(path, handle.getvalue().encode())
 
 
 def _optuna_plot(name: str, study: optuna.Study, target: Target, label: str, stem: Path) -> None:
@@ -125,7 +129,7 @@ def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> 
         return
     if not importance:
         return
-    stem.with_suffix(".json").write_text(json.dumps(importance, indent=1))
+    write_atomic(stem.with_suffix(".json"), json.dumps(importance, indent=1))
     figure = Figure(figsize=(8, 1.5 + 0.4 * len(importance)))
     ax = figure.subplots()
     names = list(importance)[::-1]
@@ -164,7 +168,7 @@ def write_best_trial_artifacts(
     metrics["class_acc"] = _plot_confusion(matrix, run.bundle.spec, folder, shown)
     _compare_with_result(metrics, Path(model_dir))
     described = {"model": shown, "seed": cfg.train.seed, "protocol": cfg.data.protocol}
-    (folder / "metrics.json").write_text(json.dumps({**described, **metrics}, indent=1))
+    write_atomic(folder / "metrics.json", json.dumps({**described, **metrics}, indent=1))
     tracker.log_artifact(PARENT, folder, "best")
     return folder
 
@@ -266,7 +270,7 @@ def _plot_confusion(matrix: np.ndarray, spec: Any, folder: Path, shown: str) -> 
     )
     figure.savefig(folder / "confusion.png", dpi=100, bbox_inches="tight")
     table = {"classes": list(classes), "matrix": matrix.tolist(), "accuracy": accuracy}
-    (folder / "confusion.json").write_text(json.dumps(table, indent=1))
+    write_atomic(folder / "confusion.json", json.dumps(table, indent=1))
     return accuracy
 
 
@@ -286,7 +290,7 @@ def _compare_with_result(metrics: dict[str, float], model_dir: Path) -> None:
         )
 
 
-def _folder(study_dir: Path, name: str) -> Path:
-    folder = Path(study_dir) / "report" / name
+def _folder(study_dir: Path, part: str) -> Path:
+    folder = StudyFolder(study_dir).report_dir(part)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
