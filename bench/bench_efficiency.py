@@ -95,8 +95,8 @@ def curve(root: Path, name: str) -> list[float]:
     """Best validation AP so far after each epoch consumed, epochs in the order reported."""
     import optuna
 
+    from tune.layout import REPORTS_FILE, TRIALS_DIR
     from tune.searcher import RAY_TRIAL_ATTR, epoch_records, storage_uri
-    from tune.trainable import REPORTS_FILE, TRIALS_DIR
 
     study = optuna.load_study(study_name=name, storage=storage_uri(root))
     events = []  # (report time, val AP)

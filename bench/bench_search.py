@@ -1,6 +1,6 @@
 """Benchmark B4a: how busy a search keeps its trial slots (slot utilisation of a study).
 
-Runs a study through the real driver (`tune.study.main`, what `tune/run.py` calls) on a local
+Runs a study through the real driver (`tune.driver.main`, what `tune/run.py` calls) on a local
 Ray with `--final-seeds 0`, timing `Tuner.fit`, then reads each trial's `reports.jsonl`:
 
     python bench/bench_search.py [--quick]
@@ -39,7 +39,7 @@ SCRATCH = Path(os.environ.get("DSANET_BENCH_SCRATCH", "/work/scratch/bench5"))
 FIT_TIMES = "bench_fit_times.json"  # written into the study folder by the driver below
 GOAL = 0.90
 
-# The driver: tune.study.main with Tuner.fit timed (start and end, epoch seconds).
+# The driver: tune.driver.main with Tuner.fit timed (start and end, epoch seconds).
 DRIVER = """
 import json, sys, time
 from ray import tune
@@ -53,7 +53,7 @@ def timed_fit(self, *args, **kwargs):
         with open(out, "w") as f:
             json.dump({"start": start, "end": time.time()}, f)
 tune.Tuner.fit = timed_fit
-from tune.study import main
+from tune.driver import main
 raise SystemExit(main(argv))
 """
 
@@ -126,7 +126,7 @@ def run_study(space: Path, storage: Path, log: Path, timeout: float) -> dict[str
 
 def read_reports(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Every trial's reports.jsonl lines, by Ray trial id."""
-    from tune.trainable import REPORTS_FILE, TRIALS_DIR
+    from tune.layout import REPORTS_FILE, TRIALS_DIR
 
     found = {}
     for path in sorted((root / TRIALS_DIR).glob(f"*/{REPORTS_FILE}")):

@@ -59,7 +59,7 @@ torch.set_num_threads(1)  # a trial's 1 CPU
 def trial(seed, lr):
     from pathlib import Path
     config = {"_study": {"dir": study, "max_t": 1}, "optim.lr": lr, "train.seed": seed}
-    cfg = trainable.trial_config(config, Path(study), Path(out))
+    cfg = trainable.read_trial_config(config, Path(out))
     lap("config")
     bundle = trainable._bundle(cfg)
     lap("data attach")
@@ -112,7 +112,7 @@ def prepare(root: Path, scale: float) -> Path:
     from dsanet import synth
     from dsanet.config import load_config
     from dsanet.loading import load_data
-    from tune.trainable import BASE_FILE
+    from tune.layout import BASE_FILE
 
     data = root / f"xd-mini-x{scale:g}"
     if not (data / synth.MARKER).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
@@ -33,3 +34,20 @@ def decode_utf8(raw: bytes, source: str, error: type[Exception] = ValueError) ->
             f"{source}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (byte offset "
             f"{exc.start}) cannot be decoded; save the file as UTF-8"
         ) from exc
+
+
+# A URI's user information, `scheme://user:secret@`: everything up to the last `@` before a `/`
+# or whitespace, so an unescaped `@` or quote in a password is masked whole.
+_USERINFO = re.compile(r"(\w[\w+.-]*://)[^/\s]*@")
+# A secret in a query string, `?password=...` or `&token=...` (a name holding one of these).
+_QUERY_SECRET = re.compile(
+    r"([?&;][\w.-]*(?:pass|pwd|secret|token|key|auth|credential|signature)[\w.-]*=)[^&;#\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of the URIs in it masked: `scheme://***@host`, and the
+    values of secret-looking query parameters (`?password=***`). For URIs in messages, logs and
+    copies of a user's files."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))

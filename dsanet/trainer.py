@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -34,6 +33,7 @@ from dsanet.evaluate import (
     test_metrics,
     validation_metrics,
 )
+from dsanet.files import remove_stale, replace_atomic, write_atomic
 from dsanet.loading import DataBundle, load_data
 from dsanet.losses import total_loss
 from dsanet.metrics import AP, AUC, MAP_AVG
@@ -106,10 +106,8 @@ def build_model(cfg: ExperimentConfig, bundle_spec, device: torch.device) -> DSA
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over `path`: a crash or a
     full disk leaves the previous file (or none), never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        replace_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports ENOSPC/EFBIG as a RuntimeError
         free = shutil.disk_usage(path.parent).free / 2**20
         raise OSError(
@@ -117,22 +115,10 @@ def save_atomic(obj: Any, path: Path) -> None:
             f"the previous checkpoint is kept. Free disk space or move train.out_dir (a study's "
             f"storage_path), then run again: it resumes from the previous checkpoint"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(json.dumps(obj, indent=1, default=float), path)
+    write_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
 def read_run_config(path: Path) -> ExperimentConfig:
@@ -355,9 +341,8 @@ def fit(
     elif resume and (out / CONFIG).is_file():  # a run with no checkpoint (yet, or any more)
         check_same_run(cfg, read_run_config(out / CONFIG), out / CONFIG)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp-*"):  # a run killed mid-write (one run owns a folder)
-        stale.unlink(missing_ok=True)
-    write_text_atomic(cfg.to_yaml(), out / CONFIG)
+    remove_stale(out)  # files of a run killed mid-write (one run owns a folder)
+    write_atomic(out / CONFIG, cfg.to_yaml())
     while trainer.epoch < cfg.train.epochs:
         record = trainer.run_epoch()
         log.info(

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from dsanet.config import ExperimentConfig
+from dsanet.files import write_atomic
 from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
 from dsanet.plots import write_test_plots
 from dsanet.runs import load_run
 from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
+from tune.layout import StudyFolder
 from tune.space import SpaceSpec
 from tune.tracking import MlflowView
 
@@ -43,7 +45,7 @@ def final_configs(
                 "data.protocol": "final",
                 "data.val_fraction": 0.0,
                 "train.seed": seed,
-                "train.out_dir": str(Path(study_dir).resolve() / "final" / f"seed_{seed}"),
+                "train.out_dir": str(StudyFolder(Path(study_dir).resolve()).seed_dir(seed)),
             }
         )
         for seed in range(base, base + seeds)
@@ -62,12 +64,12 @@ def run_final_stage(
     `report/best/`, and MLflow shows them."""
     configs = final_configs(best_config, study_dir, seeds)
     results = train_seeds(configs, spec)
-    summary = summarize([results[s]["test"] for s in configs])
-    path, text = Path(study_dir) / "final" / "summary.json", json.dumps(summary, indent=1)
+    summary = seed_summary([results[s]["test"] for s in configs])
+    path, text = StudyFolder(study_dir).final_summary, json.dumps(summary, indent=1)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
-        path.write_text(text)
+        write_atomic(path, text)
     first = load_run(configs[min(configs)].train.out_dir)
-    write_test_plots(first, Path(study_dir) / "report" / "best")
+    write_test_plots(first, StudyFolder(study_dir).report_dir("best"))
     print(format_table({s: results[s]["test"] for s in configs}, summary))
     view.sync()
     return summary
@@ -105,7 +107,7 @@ def fit_seed(cfg: ExperimentConfig) -> str:
     return str(out)
 
 
-def summarize(tests: list[Mapping[str, float]]) -> dict[str, float]:
+def seed_summary(tests: list[Mapping[str, float]]) -> dict[str, float]:
     """Mean and sample standard deviation (ddof=1; 0 for one seed) of the summary metrics."""
     summary: dict[str, float] = {}
     for key in SUMMARY_METRICS:

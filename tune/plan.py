@@ -9,23 +9,20 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import socket
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsanet.config import ConfigError, ExperimentConfig, flatten, from_dict
-from dsanet.errors import brief
-from dsanet.yamlio import load_yaml_file
+from dsanet.config import ExperimentConfig, flatten
+from dsanet.errors import brief, redact
+from dsanet.files import write_atomic
+from tune.layout import BASE_FILE, RAY_DIR, STUDY_DB, StudyFolder, read_base
 from tune.space import TRIALS_LIMIT, SpaceSpec, load_space
 
 log = logging.getLogger(__name__)
 
-RAY_DIR = "ray"  # Ray Tune's experiment folder inside the study folder
-DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
-MLFLOW_DB = "mlflow.db"
 FINAL_SEEDS_LIMIT = 100
 PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
 ADDRESS_TIMEOUT_S = 5.0  # for a cluster address to accept a TCP connection
@@ -63,8 +60,12 @@ class Plan:
     resume_command: str  # how to continue this study after an interruption
 
     @property
+    def folder(self) -> StudyFolder:
+        return StudyFolder(self.root)
+
+    @property
     def ray_dir(self) -> Path:
-        return self.root / RAY_DIR
+        return self.folder.ray_dir
 
 
 def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
@@ -91,7 +92,7 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
     _check_features(spec, dry_run=args.dry_run)
     if not args.dry_run:
         _write_base(root, base)
-    uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
+    uri = spec.mlflow.tracking_uri or StudyFolder(root).mlflow_uri
     return Plan(spec, root, resume, args.address, args.final_seeds, uri, data_note, resume_command)
 
 
@@ -144,10 +145,8 @@ def _check_storage(root: Path, dry_run: bool) -> None:
 
 def _check_folder(root: Path, resume: bool) -> bool:
     """Whether the study folder holds this study already; refuse to mix without --resume."""
-    from tune.searcher import STUDY_DB
-    from tune.trainable import BASE_FILE
-
-    exists = (root / STUDY_DB).exists() or (root / RAY_DIR).exists()
+    folder = StudyFolder(root)
+    exists = folder.optuna_db.exists() or folder.ray_dir.exists()
     if exists and not resume:
         raise FileExistsError(
             f"{root} holds a study already; pass --resume to continue it, or choose another "
@@ -155,7 +154,7 @@ def _check_folder(root: Path, resume: bool) -> bool:
         )
     # A study stopped before its Optuna database was made has only its base config: that one
     # may be resumed (or run again without --resume); a folder with neither is no study.
-    if resume and not exists and not (root / BASE_FILE).is_file():
+    if resume and not exists and not folder.base_yaml.is_file():
         raise FileNotFoundError(
             f"--resume: {root} holds no study ({STUDY_DB}, {RAY_DIR}/ or {BASE_FILE}); run "
             f"without --resume to start it, or fix the space's name or --storage-path"
@@ -173,10 +172,9 @@ _STORE_TABLES = {
 def _check_stores(root: Path, spec: SpaceSpec) -> None:
     """An existing Optuna or MLflow SQLite store must be one of ours; it is opened read-only, so
     a dry run writes nothing and a foreign file is never changed."""
-    from tune.searcher import STUDY_DB
-
-    stores = {root / STUDY_DB: "the Optuna study"}
-    uri = spec.mlflow.tracking_uri or f"sqlite:///{root / MLFLOW_DB}"
+    folder = StudyFolder(root)
+    stores = {folder.optuna_db: "the Optuna study"}
+    uri = spec.mlflow.tracking_uri or folder.mlflow_uri
     if uri.startswith("sqlite:///"):
         stores[Path(uri.removeprefix("sqlite:///")).expanduser()] = "the MLflow tracking store"
     for path, what in stores.items():
@@ -216,9 +214,9 @@ def planned_trials(study_dir: Path, name: str) -> int | None:
     Read with plain SQL on a read-only connection: Optuna's storage creates its tables when it
     opens a file, and a dry run must not write.
     """
-    from tune.searcher import SIZE_ATTR, STUDY_DB
+    from tune.searcher import SIZE_ATTR
 
-    path = Path(study_dir) / STUDY_DB
+    path = StudyFolder(study_dir).optuna_db
     if not path.is_file():
         return None
     with _read_only(path) as db:
@@ -264,7 +262,7 @@ def _data(spec: SpaceSpec, root: Path, dry_run: bool) -> tuple[ExperimentConfig,
         return spec.base, f"features under {spec.base.data.feature_root or '(not set)'}"
     from dsanet import synth
 
-    preset, seed, out = spec.synthetic.preset, spec.synthetic.seed, root / DATA_DIR
+    preset, seed, out = spec.synthetic.preset, spec.synthetic.seed, StudyFolder(root).data_dir
     marker = out / synth.MARKER
     if marker.is_file():
         try:
@@ -313,11 +311,9 @@ def _check_features(spec: SpaceSpec, dry_run: bool) -> None:
 
 def _write_base(root: Path, base: ExperimentConfig) -> None:
     """The resolved base config every trial starts from; a resume must not change it."""
-    from tune.trainable import BASE_FILE
-
-    path = root / BASE_FILE
-    if path.is_file():
-        old = flatten(from_dict(load_yaml_file(path, ConfigError), str(path)))
+    folder = StudyFolder(root)
+    if folder.base_yaml.is_file():
+        old = flatten(read_base(folder))
         changed = sorted(k for k, v in flatten(base).items() if old.get(k) != v)
         if changed:
             raise ValueError(
@@ -326,9 +322,7 @@ def _write_base(root: Path, base: ExperimentConfig) -> None:
             )
         return
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(base.to_yaml())
-    os.replace(tmp, path)
+    write_atomic(folder.base_yaml, base.to_yaml())
 
 
 def describe(plan: Plan) -> str:
@@ -361,13 +355,8 @@ def describe(plan: Plan) -> str:
             f"  folder      {plan.root} ({'resume' if plan.resume else 'new'})",
             f"  data        {plan.data_note}",
             f"  protocol    {spec.base.data.protocol}: {PROTOCOL_NOTES[spec.base.data.protocol]}",
-            f"  mlflow      {redact_uri(plan.tracking_uri)} (experiment {spec.mlflow.experiment})",
+            f"  mlflow      {redact(plan.tracking_uri)} (experiment {spec.mlflow.experiment})",
             f"  ray         {plan.address or 'a local Ray on this machine'}",
             f"  final       {plan.final_seeds} seed(s) of the best config (protocol final)",
         ]
     )
-
-
-def redact_uri(uri: str) -> str:
-    """A URI without its credentials (scheme://user:secret@host)."""
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", uri)

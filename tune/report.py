@@ -6,6 +6,7 @@ best model are a run's, drawn by `dsanet.plots`.)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import warnings
@@ -18,6 +19,8 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from dsanet.config import ExperimentConfig
+from dsanet.files import write_atomic
+from tune.layout import StudyFolder
 from tune.space import SpaceSpec, sampled_values, trial_config
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ def write_study_artifacts(study: optuna.Study, spec: SpaceSpec, study_dir: Path)
     if best is None:
         log.info("report: no complete trial yet, so no best_config.yaml")
     else:
-        (folder / "best_config.yaml").write_text(best.to_yaml())
+        write_atomic(folder / "best_config.yaml", best.to_yaml())
     for index, name in enumerate(names):
         suffix = "" if len(names) == 1 else f"_{name}"
         target = None if len(names) == 1 else (lambda t, i=index: t.values[i])
@@ -78,16 +81,17 @@ def write_trials_csv(study: optuna.Study, names: Sequence[str], path: Path) -> N
     header = ["number", "state", *[f"value_{n}" for n in names]]
     header += ["intermediate_values", "last_step", "duration_s", *params]
     header += [f"attr.{a}" for a in attrs]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for t in trials:
-            values = list(t.values) if t.values else [""] * len(names)
-            steps = sorted(t.intermediate_values)
-            duration = t.duration.total_seconds() if t.duration else ""
-            row = [t.number, t.state.name, *values, len(steps), steps[-1] if steps else ""]
-            row += [duration, *[t.params.get(p, "") for p in params]]
-            writer.writerow(row + [t.user_attrs.get(a, "") for a in attrs])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    for t in trials:
+        values = list(t.values) if t.values else [""] * len(names)
+        steps = sorted(t.intermediate_values)
+        duration = t.duration.total_seconds() if t.duration else ""
+        row = [t.number, t.state.name, *values, len(steps), steps[-1] if steps else ""]
+        row += [duration, *[t.params.get(p, "") for p in params]]
+        writer.writerow(row + [t.user_attrs.get(a, "") for a in attrs])
+    write_atomic(path, handle.getvalue().encode())
 
 
 def _optuna_plot(name: str, study: optuna.Study, target: Target, label: str, stem: Path) -> None:
@@ -121,7 +125,7 @@ def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> 
         return
     if not importance:
         return
-    stem.with_suffix(".json").write_text(json.dumps(importance, indent=1))
+    write_atomic(stem.with_suffix(".json"), json.dumps(importance, indent=1))
     figure = Figure(figsize=(8, 1.5 + 0.4 * len(importance)))
     ax = figure.subplots()
     names = list(importance)[::-1]
@@ -131,7 +135,7 @@ def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> 
     figure.savefig(stem.with_suffix(".png"), dpi=100, bbox_inches="tight")
 
 
-def _folder(study_dir: Path, name: str) -> Path:
-    folder = Path(study_dir) / "report" / name
+def _folder(study_dir: Path, part: str) -> Path:
+    folder = StudyFolder(study_dir).report_dir(part)
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -10,6 +10,6 @@ installed `tune` package, so `ray submit` (which uploads only this file) works o
 where it is installed.
 """
 
-from tune.study import main
+from tune.driver import main
 
 raise SystemExit(main())

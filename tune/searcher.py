@@ -27,11 +27,11 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from dsanet.errors import brief
+from tune.layout import StudyFolder
 from tune.space import SearcherSpec, SpaceSpec, sample
 
 log = logging.getLogger(__name__)
 
-STUDY_DB = "optuna.db"
 OPTUNA_KEY = "_optuna_trial"  # config key: the Optuna trial number of a Ray trial
 ADOPTED_ATTR = "adopted_from"  # the Ray trial id an adopted Optuna trial had before
 RAY_TRIAL_ATTR = "ray_trial_id"
@@ -48,7 +48,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def storage_uri(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / STUDY_DB}"
+    return StudyFolder(study_dir).optuna_uri
 
 
 def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
@@ -68,8 +68,9 @@ def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
     stored = ["maximize" if d.name == "MAXIMIZE" else "minimize" for d in study.directions]
     if stored != directions:
         raise ValueError(
-            f"{study_dir / STUDY_DB} holds study {spec.name!r} with directions {stored}, but the "
-            f"space asks for {directions} ({list(spec.metric)}); use another --storage-path"
+            f"{StudyFolder(study_dir).optuna_db} holds study {spec.name!r} with directions "
+            f"{stored}, but the space asks for {directions} ({list(spec.metric)}); use another "
+            f"--storage-path"
         )
     if SIZE_ATTR not in study.user_attrs:
         study.set_user_attr(SIZE_ATTR, spec.num_samples)
@@ -110,7 +111,7 @@ def _pin_scheduler(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> Non
         was = ", ".join(f"{name[k]} {brief(stored.get(k))}" for k in changed[:8])
         now = ", ".join(f"{k} {current.get(k)!r}" for k in changed if k in current)
         raise ValueError(
-            f"{Path(study_dir) / STUDY_DB}: study {spec.name!r} was started with scheduler "
+            f"{StudyFolder(study_dir).optuna_db}: study {spec.name!r} was started with scheduler "
             f"settings {was}; the space now gives {now}. Resume with the study's original "
             f"scheduler settings, or use another --storage-path"
         )

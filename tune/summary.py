@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tune.plan import Plan, redact_uri
 from tune.space import SpaceSpec
 
 TOP_TRIALS = 5
@@ -53,24 +52,6 @@ def ranked_trials(study: Any, spec: SpaceSpec) -> list[Any]:
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     pruned.sort(key=lambda t: sign * _shown_values(t, len(spec.metric))[0])
     return complete + pruned
-
-
-def where(plan: Plan, view: str) -> str:
-    from tune.searcher import storage_uri
-    from tune.trainable import REPORTS_FILE, TRIALS_DIR
-
-    trials, experiment = plan.root / TRIALS_DIR, plan.spec.mlflow.experiment
-    return "\n".join(
-        [
-            "\nwhere things are:",
-            f"  ray results  {plan.ray_dir}  (Tune experiment; continue with --resume)",
-            f"  checkpoints  {plan.ray_dir}/<ray id>/checkpoint_*  (each trial's last epoch)",
-            f"  trials       {trials}/<ray id>/  (config.yaml, best.pt, {REPORTS_FILE})",
-            f"  optuna       {storage_uri(plan.root)}  (study {plan.spec.name})",
-            f"  mlflow       {redact_uri(plan.tracking_uri)}  (experiment {experiment})",
-            f"  view runs    {view}",
-        ]
-    )
 
 
 def _shown_values(trial: Any, count: int) -> list[float]:

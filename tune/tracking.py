@@ -42,11 +42,20 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 
 from dsanet.config import ConfigError, flatten
-from tune.links import link_atomic
-from tune.plan import MLFLOW_DB, PROTOCOL_NOTES, redact_uri
-from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records, storage_uri
+from dsanet.errors import redact
+from dsanet.files import link_atomic, write_atomic
+from tune.layout import (
+    MLFLOW_ARTIFACTS,
+    REPORT_PARTS,
+    REPORTS_FILE,
+    RESULT_FILE,
+    RUN_CONFIG,
+    STATE_FILES,
+    StudyFolder,
+)
+from tune.plan import PROTOCOL_NOTES
+from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records
 from tune.space import SpaceSpec, trial_config
-from tune.trainable import REPORTS_FILE, TRIALS_DIR
 
 __all__ = ["PARENT", "RUN_STATUS", "MlflowView", "TrackingUnavailable"]
 
@@ -67,7 +76,6 @@ RUN_STATUS = {
 }
 _TRIAL_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "PRUNED"}
 _TRIAL_STATUS[TrialState.FAIL] = "FAILED"
-_PARENT_FOLDERS = ("space", "study", "best")  # report/<name>/ -> the parent's <name>/
 # MLflow's HTTP client retries a refused connection for about 4 minutes by default; inside a
 # Tune callback that stalls the whole study, so calls get a short budget unless the user set
 # one: the next event retries anyway.
@@ -104,7 +112,8 @@ class MlflowView(Callback):
     def __init__(self, study_dir: Path, spec: SpaceSpec, tracking_uri: str = "") -> None:
         """`study_dir` holds the Optuna study of `spec` (`tune.searcher.open_study`)."""
         self.root, self.spec = Path(study_dir).resolve(), spec
-        self.uri = tracking_uri or f"sqlite:///{self.root / MLFLOW_DB}"
+        self.folder = StudyFolder(self.root)
+        self.uri = tracking_uri or self.folder.mlflow_uri
         self.client = MlflowClient(tracking_uri=self.uri)
         check_reachable(self.client, self.uri, spec.path)
         self._storage: Any = None  # the Optuna study's, opened by the first sync
@@ -127,7 +136,7 @@ class MlflowView(Callback):
 
     def ui_command(self) -> str:
         """How to browse the study: `mlflow ui --backend-store-uri ...`, or a server's URL."""
-        uri = redact_uri(self.uri)
+        uri = redact(self.uri)
         if uri.startswith(("http://", "https://")) and self.experiment_id:
             return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}"
         return f"mlflow ui --backend-store-uri {uri}"
@@ -154,7 +163,7 @@ class MlflowView(Callback):
             log.error(
                 "MLflow at %s lacks updates of %d runs; they are written when the study is "
                 "resumed (--resume), from the study folder",
-                redact_uri(self.uri),
+                redact(self.uri),
                 len(self._dirty),
             )
         log.info("MLflow: browse the study with: %s", self.ui_command())
@@ -177,9 +186,7 @@ class MlflowView(Callback):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            log.warning(
-                "MLflow at %s unreachable; retrying (%.0f s left)", redact_uri(self.uri), left
-            )
+            log.warning("MLflow at %s unreachable; retrying (%.0f s left)", redact(self.uri), left)
             time.sleep(min(pause, left))
             pause = min(2 * pause, 15.0)
         return True
@@ -218,7 +225,7 @@ class MlflowView(Callback):
             for t in self._storage.get_all_trials(self._study, deepcopy=False)
             if RAY_TRIAL_ATTR in t.user_attrs  # asked by Ray; not a point waiting in the queue
         ]
-        final = sorted((self.root / "final").glob("seed_*/result.json"))
+        final = sorted(self.folder.final_dir.glob(f"seed_*/{RESULT_FILE}"))
         return [PARENT, *trials, *(f"final/{p.parent.name}" for p in final)]
 
     def _sync_dirty(self) -> bool:
@@ -243,7 +250,7 @@ class MlflowView(Callback):
             self._outage(str(exc))
             return False
         if self._outage_since is not None:
-            log.warning("MLflow at %s answers again; the study is written", redact_uri(self.uri))
+            log.warning("MLflow at %s answers again; the study is written", redact(self.uri))
             self._outage_since = None
         return True
 
@@ -277,13 +284,13 @@ class MlflowView(Callback):
             **_git_tags(Path(__file__).resolve().parents[1]),
         }
         run = self._run(PARENT, f"study-{self.root.name}", lambda: _parent_params(self.spec), tags)
-        summary = self.root / "final" / "summary.json"
+        summary = self.folder.final_summary
         if summary.is_file():
             values = json.loads(summary.read_text())
             stamp = int(summary.stat().st_mtime * 1000)
             self._log(run, [_metric(k, v, stamp, 0) for k, v in values.items()], {})
-        for name in _PARENT_FOLDERS:
-            folder = self.root / "report" / name
+        for name in REPORT_PARTS:  # report/<part>/ -> the parent's <part>/
+            folder = self.folder.report_dir(name)
             if folder.is_dir():
                 self._log_files(run, folder, name)
         self._set_status(run, self._ended or "RUNNING")
@@ -293,7 +300,7 @@ class MlflowView(Callback):
         ray_id = str(trial.user_attrs.get(RAY_TRIAL_ATTR, ""))
         tags = {TAG_STAGE: "search", "dsanet.optuna_trial": str(number)}
         run = self._run(f"trial/{number}", f"trial-{number}", lambda: self._params(trial), tags)
-        folder = self.root / TRIALS_DIR / ray_id
+        folder = self.folder.trial_dir(ray_id)
         epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
         metrics = [
             _metric(name, value, stamp, epoch)
@@ -307,17 +314,17 @@ class MlflowView(Callback):
         run.epochs = len(epochs)
         status = _TRIAL_STATUS.get(trial.state, "INTERRUPTED" if self._ended else "RUNNING")
         if status != run.status and status != "RUNNING":
-            names = ("config.yaml",) if status == "FAILED" else ("best.pt", "config.yaml")
+            names = (RUN_CONFIG,) if status == "FAILED" else (STATE_FILES[1], RUN_CONFIG)
             for name in names:
                 if (folder / name).is_file():
                     self._log_files(run, folder / name, None)
         self._set_status(run, status)
 
     def _sync_seed(self, seed: int) -> None:
-        folder = self.root / "final" / f"seed_{seed}"
-        result_file = folder / "result.json"
+        folder = self.folder.seed_dir(seed)
+        result_file = folder / RESULT_FILE
         result, stamp = json.loads(result_file.read_text()), _stamp(result_file)
-        cfg_file = folder / "config.yaml"
+        cfg_file = folder / RUN_CONFIG
         tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
         params = (lambda: flatten(_read_config(cfg_file))) if cfg_file.is_file() else dict
         run = self._run(f"final/seed_{seed}", f"final-seed-{seed}", params, tags)
@@ -332,7 +339,7 @@ class MlflowView(Callback):
         ]
         metrics += [_metric(f"test_{k}", v, stamp, 0) for k, v in result.get("test", {}).items()]
         self._log(run, metrics, {TAG_EPOCHS: str(len(history))})
-        for name in ("config.yaml", "result.json", "best.pt"):
+        for name in (RUN_CONFIG, RESULT_FILE, STATE_FILES[1]):
             if (folder / name).is_file():
                 self._log_files(run, folder / name, None)
         self._set_status(run, "FINISHED")
@@ -342,7 +349,7 @@ class MlflowView(Callback):
         """Open the Optuna study, find or create the experiment, read the study's runs once."""
         # Its own storage, uncached: each read sees what the searcher has just written.
         self._storage = optuna.storages.RDBStorage(
-            storage_uri(self.root), engine_kwargs={"connect_args": {"timeout": 60}}
+            self.folder.optuna_uri, engine_kwargs={"connect_args": {"timeout": 60}}
         )
         self._study = self._storage.get_study_id_from_name(self.spec.name)
         self.study_id = str(self._storage.get_study_user_attrs(self._study)[STUDY_ID_ATTR])
@@ -426,7 +433,7 @@ class MlflowView(Callback):
             log.warning(
                 "MLflow at %s unreachable (%s); the search goes on, and MLflow is brought up "
                 "to date from the study folder once it answers",
-                redact_uri(self.uri),
+                redact(self.uri),
                 reason[:200],
             )
             self._warned = now
@@ -451,10 +458,10 @@ class MlflowView(Callback):
 
     def _write_space_files(self) -> None:
         """The space file (URI credentials masked) and the resolved base config."""
-        folder = self.root / "report" / "space"
+        folder = self.folder.report_dir("space")
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / self.spec.path.name).write_text(redact_uri(self.spec.path.read_text()))
-        (folder / "base_config.yaml").write_text(self.spec.base.to_yaml())
+        write_atomic(folder / self.spec.path.name, redact(self.spec.path.read_text()))
+        write_atomic(folder / "base_config.yaml", self.spec.base.to_yaml())
 
 
 class _Detached(Callback):
@@ -508,7 +515,7 @@ def check_reachable(client: MlflowClient, uri: str, space: Path) -> None:
             problem = exc.message[:300]
     if problem:
         raise TrackingUnavailable(
-            f"MLflow tracking URI {redact_uri(uri)} is not usable: {problem}. Start the server "
+            f"MLflow tracking URI {redact(uri)} is not usable: {problem}. Start the server "
             f"(mlflow server --backend-store-uri sqlite:///ABS/PATH/mlflow.db --host HOST "
             f"--port PORT), fix mlflow.tracking_uri in {space}, or leave it empty to track in "
             f"an SQLite file in the study folder"
@@ -622,7 +629,7 @@ def _artifact_location(uri: str) -> str | None:
     """Artifacts of an SQLite store go next to its file (MLflow's default is ./mlruns under the
     working directory); a server chooses its own."""
     if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+        return str(Path(uri.removeprefix("sqlite:///")).parent / MLFLOW_ARTIFACTS)
     return None
 
 

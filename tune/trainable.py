@@ -26,24 +26,23 @@ from typing import Any
 from ray import tune
 from ray.tune import Callback
 
-from dsanet.config import ConfigError, ExperimentConfig, from_dict
-from dsanet.yamlio import load_yaml_file
-from tune.links import link_atomic
+from dsanet.config import ExperimentConfig
+from dsanet.files import link_atomic, link_or_copy
+from tune.layout import (
+    PROGRESS_FILE,
+    REPORTS_FILE,
+    RUN_CONFIG,
+    STAGE_DIR,
+    STATE_FILES,
+    StudyFolder,
+    read_base,
+)
 from tune.searcher import OPTUNA_KEY, REPORTED_KEY
 from tune.space import sampled_values
 
 log = logging.getLogger(__name__)
 
 STUDY_KEY = "_study"  # config key of the fixed study info: {"dir": study folder, "max_t": epochs}
-TRIALS_DIR = "trials"  # <study>/trials/<ray trial id>/ is a trial's train.out_dir
-BASE_FILE = "base.yaml"  # the study's resolved base config, written once by the driver
-# One line per reported epoch: when, by which process, and what the trainer measured (the MLflow
-# view logs it); the first line after a (re)start also says when the trainable was entered
-# (bench/bench_search.py).
-REPORTS_FILE = "reports.jsonl"
-PROGRESS_FILE = "progress.json"  # in each checkpoint: {"epochs": epochs done}
-STATE_FILES = ("last.pt", "best.pt")  # dsanet.trainer's CHECKPOINT and BEST
-_STAGE = ".checkpoint"
 _bundles: dict[str, Any] = {}  # data bundles kept by a reused worker: cache maps, lists
 _running: set[threading.Thread] = set()  # training threads of this worker process
 
@@ -54,9 +53,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from dsanet.trainer import fit  # torch stays out of the driver, which only schedules
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # per epoch
-    study_dir = Path(config[STUDY_KEY]["dir"])
-    out_dir = study_dir / TRIALS_DIR / tune.get_context().get_trial_id()
-    cfg = trial_config(config, study_dir, out_dir)
+    out_dir = StudyFolder(config[STUDY_KEY]["dir"]).trial_dir(tune.get_context().get_trial_id())
+    cfg = read_trial_config(config, out_dir)
     resumed_at = _reset_to_checkpoint(out_dir)
     slimmed = resumed_at > 0 and not (out_dir / STATE_FILES[0]).is_file()
     if slimmed or resumed_at >= config[STUDY_KEY]["max_t"]:
@@ -68,17 +66,18 @@ def run_trial(config: dict[str, Any]) -> None:
         reporter = _Reporter(out_dir, extras, resumed_at, entered)
         fit(cfg, reporter, resume=True, bundle=_bundle(cfg), test=False)  # test: final stage
     finally:
-        shutil.rmtree(out_dir / _STAGE, ignore_errors=True)
+        shutil.rmtree(out_dir / STAGE_DIR, ignore_errors=True)
         # Ray's checkpoint holds the state now; the full-state copy here is 3x the weights.
         (out_dir / STATE_FILES[0]).unlink(missing_ok=True)
         _release(gpu_share)
         _running.discard(threading.current_thread())
 
 
-def trial_config(config: dict[str, Any], study_dir: Path, out_dir: Path) -> ExperimentConfig:
-    """The study's base config with the sampled parameters of a Ray trial `config`."""
-    base_file = study_dir / BASE_FILE
-    base = from_dict(load_yaml_file(base_file, ConfigError), str(base_file))
+def read_trial_config(config: dict[str, Any], out_dir: Path) -> ExperimentConfig:
+    """A Ray trial's config: its study's `base.yaml` (the folder in `config[STUDY_KEY]`) with
+    the sampled values of `config` and `out_dir` as train.out_dir. The driver's counterpart,
+    from the space's base, is `tune.space.trial_config`."""
+    base = read_base(StudyFolder(config[STUDY_KEY]["dir"]))
     return base.with_overrides({**sampled_values(config), "train.out_dir": str(out_dir)})
 
 
@@ -129,7 +128,7 @@ class SlimFinishedCheckpoints(Callback):
         (saved / STATE_FILES[0]).unlink(missing_ok=True)
         study = (trial.config or {}).get(STUDY_KEY) or {}
         if "dir" in study:
-            out_dir = Path(study["dir"]) / TRIALS_DIR / trial.trial_id
+            out_dir = StudyFolder(study["dir"]).trial_dir(trial.trial_id)
             share_file(saved / STATE_FILES[1], out_dir / STATE_FILES[1])
 
 
@@ -151,12 +150,12 @@ def share_file(source: Path, copy: Path) -> bool:
 
 def _stage(out_dir: Path, epochs_done: int) -> Path:
     """A folder of hard links to the files a checkpoint needs (Ray copies it in report)."""
-    stage = out_dir / _STAGE
+    stage = out_dir / STAGE_DIR
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    for name in (*STATE_FILES, "config.yaml"):
+    for name in (*STATE_FILES, RUN_CONFIG):
         if (out_dir / name).is_file():
-            _link(out_dir / name, stage / name)
+            link_or_copy(out_dir / name, stage / name)
     (stage / PROGRESS_FILE).write_text(json.dumps({"epochs": epochs_done}))
     return stage
 
@@ -176,18 +175,10 @@ def _reset_to_checkpoint(out_dir: Path) -> int:
     with checkpoint.as_directory() as folder:
         for name in STATE_FILES:
             if (Path(folder) / name).is_file():
-                _link(Path(folder) / name, out_dir / name)
+                link_or_copy(Path(folder) / name, out_dir / name)
         done = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epochs"]
     log.info("trial %s resumes from Ray's checkpoint after %d epochs", out_dir.name, done)
     return done
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard link (the trainer replaces files atomically, so links never see a change)."""
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copy2(src, dst)
 
 
 def _claim_resources() -> float:

@@ -131,7 +131,7 @@ def xd_small(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def local_ray() -> Iterator[None]:
-    """An in-process local Ray with 2 CPUs and a short temp dir; `tune.study.main` uses it."""
+    """An in-process local Ray with 2 CPUs and a short temp dir; `tune.driver.main` uses it."""
     import ray
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay short

@@ -2,7 +2,7 @@
 runs full, and checkpoint writes cut short. Nothing finished is lost or recorded twice.
 
 The other faults of the README's table are tested where their machinery lives: a removed Ray
-node and a SIGKILLed driver in test_study.py, a tracking server that goes away in
+node and a SIGKILLed driver in test_driver.py, a tracking server that goes away in
 test_tracking.py.
 """
 
@@ -32,7 +32,7 @@ from ray_fixtures import (
 )
 
 from dsanet.trainer import load_checkpoint
-from tune.study import main
+from tune.driver import main
 
 EPOCHS = 5
 

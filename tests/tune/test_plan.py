@@ -12,9 +12,9 @@ import ray
 from conftest import one_error
 from ray_fixtures import write_space
 
+from tune.driver import main
 from tune.plan import planned_trials
 from tune.searcher import SIZE_ATTR
-from tune.study import main
 
 
 def run(space: Path, *args: str) -> int:

@@ -36,7 +36,7 @@ def _attribute_uses(name: str) -> list[tuple[Path, int, str]]:
 
 
 def test_sources_are_found():
-    assert len(SOURCES) > 30 and REPO / "tune" / "study.py" in SOURCES
+    assert len(SOURCES) > 30 and REPO / "tune" / "driver.py" in SOURCES
 
 
 def test_yaml_is_parsed_only_by_the_strict_loader():
@@ -99,7 +99,7 @@ def test_what_the_search_starts_listens_locally():
     """The driver's own Ray has no dashboard (an HTTP server); its gRPC ports are Ray's choice
     (all interfaces, behind Ray's token authentication). The tracking hint runs `mlflow ui`,
     which binds 127.0.0.1, and nothing in the sources asks for all interfaces."""
-    from tune.study import _ray_args
+    from tune.driver import _ray_args
 
     assert _ray_args(None) == {"address": "local", "include_dashboard": False}
     for path in SOURCES:

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from ray_fixtures import MAX_T, tiny_overrides, write_space
 
-from tune.study import main
+from tune.driver import main
 
 
 def listed_test_features(data: dict[str, Path]) -> list[str]:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from dsanet.config import ConfigError
-from tune.plan import JOIN_FIX, RAY_DIR, Plan, describe, prepare
+from dsanet.files import write_atomic
+from tune.layout import RAY_DIR, where
+from tune.plan import JOIN_FIX, Plan, describe, prepare
 from tune.space import SpaceError, SpaceSpec
-from tune.summary import short_names, summarize, where
+from tune.summary import short_names, summarize
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
     restorable = plan.resume and _restorable(plan.ray_dir)
     if restorable and not _started_here(plan.root):
         restorable = False
-        aside = plan.ray_dir.with_name(f"{RAY_DIR}.not-loaded-{int(time.time())}")
+        aside = plan.folder.ray_set_aside(int(time.time()))
         plan.ray_dir.rename(aside)
         print(
             f"warning: {plan.ray_dir} was not written by a driver of this user on this machine; "
@@ -235,7 +237,7 @@ def _mark_started_here(root: Path) -> None:
     record = _ownership(root)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(f"{root.resolve()}\n")
+        write_atomic(record, f"{root.resolve()}\n")
     except OSError as exc:  # a read-only home: the study runs; a later --resume starts Ray anew
         log.warning("could not record the study in %s (%s)", record, exc.strerror)
 

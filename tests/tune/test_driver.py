@@ -29,7 +29,7 @@ from ray_fixtures import (
     write_space,
 )
 
-from tune.study import main
+from tune.driver import main
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -96,20 +96,6 @@ def assert_mlflow_matches(root: Path, trials: list) -> None:
         assert run.info.status != "RUNNING"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")]
         assert sorted(steps) == [e - 1 for e in epochs_of(trial)]
-
-
-def test_share_file_links_identical_bytes_only(tmp_path):
-    from tune.trainable import share_file
-
-    source, twin, other = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
-    source.write_bytes(b"weights" * 1000)
-    twin.write_bytes(b"weights" * 1000)
-    other.write_bytes(b"weightz" * 1000)
-    assert share_file(source, twin) and twin.samefile(source) and source.stat().st_nlink == 2
-    assert share_file(source, twin)  # already one file
-    assert not share_file(source, other) and other.read_bytes() == b"weightz" * 1000
-    assert not share_file(source, tmp_path / "missing.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "c.pt"]
 
 
 # ---------------------------------------------------------------------------- a 2-node cluster

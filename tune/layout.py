@@ -1,0 +1,134 @@
+"""The study folder's layout: every file and folder name under `<storage>/<name>/` (DESIGN §10).
+
+Modules ask a `StudyFolder` for a path instead of joining names of their own, so the layout is
+read and changed in one place. The names are what existing study folders hold on disk: a changed
+name would keep `--resume` from finding a study's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsanet.config import ConfigError, ExperimentConfig, from_dict
+from dsanet.errors import redact
+from dsanet.yamlio import load_yaml_file
+
+if TYPE_CHECKING:
+    from tune.plan import Plan
+
+# ---------------------------------------------------------------------------- the study folder
+BASE_FILE = "base.yaml"  # the study's resolved base config, written once by the driver
+DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthetic:`
+STUDY_DB = "optuna.db"  # the Optuna study (SQLite)
+MLFLOW_DB = "mlflow.db"  # the default MLflow tracking store (SQLite)
+MLFLOW_ARTIFACTS = "mlartifacts"  # the default store's artifact root, next to its file
+RAY_DIR = "ray"  # Ray Tune's experiment folder
+TRIALS_DIR = "trials"  # trials/<ray trial id>/ is a trial's train.out_dir
+FINAL_DIR = "final"  # final/seed_<n>/: the final-stage retrains
+FINAL_SUMMARY = "summary.json"  # final/summary.json: mean and std over the seeds
+REPORT_DIR = "report"  # report/<part>/: the files logged to the parent MLflow run
+REPORT_PARTS = ("space", "study", "best")  # the space, the search, the best model
+
+# ---------------------------------------------------------------------------- a trial's folder
+# One line per reported epoch: when, by which process, and what the trainer measured (the MLflow
+# view logs it); the first line after a (re)start also says when the trainable was entered
+# (bench/bench_search.py).
+REPORTS_FILE = "reports.jsonl"
+STAGE_DIR = ".checkpoint"  # hard links staged for Ray's checkpoint of the epoch
+PROGRESS_FILE = "progress.json"  # in each Ray checkpoint: {"epochs": epochs done}
+# dsanet.trainer's CHECKPOINT and BEST (not imported: the driver never imports torch).
+STATE_FILES = ("last.pt", "best.pt")
+RUN_CONFIG = "config.yaml"  # dsanet.trainer's CONFIG
+RESULT_FILE = "result.json"  # dsanet.trainer's RESULT
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """The paths of one study folder, `<storage>/<name>/`."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def base_yaml(self) -> Path:
+        return self.root / BASE_FILE
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / DATA_DIR
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.root / STUDY_DB
+
+    @property
+    def optuna_uri(self) -> str:
+        """Optuna's storage URL of the study (absolute, so any working directory finds it)."""
+        return f"sqlite:///{self.root.resolve() / STUDY_DB}"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / MLFLOW_DB
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The default tracking URI: MLflow's SQLite store in the study folder."""
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / RAY_DIR
+
+    def ray_set_aside(self, stamp: int) -> Path:
+        """Where `--resume` moves, unread, a Ray state this user's driver did not write."""
+        return self.root / f"{RAY_DIR}.not-loaded-{stamp}"
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.root / TRIALS_DIR
+
+    def trial_dir(self, ray_id: str) -> Path:
+        return self.root / TRIALS_DIR / ray_id
+
+    @property
+    def final_dir(self) -> Path:
+        return self.root / FINAL_DIR
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.root / FINAL_DIR / f"seed_{seed}"
+
+    @property
+    def final_summary(self) -> Path:
+        return self.root / FINAL_DIR / FINAL_SUMMARY
+
+    def report_dir(self, part: str) -> Path:
+        """`report/<part>/`, part one of REPORT_PARTS (not created here)."""
+        if part not in REPORT_PARTS:
+            raise ValueError(f"report part {part!r}: one of {', '.join(REPORT_PARTS)}")
+        return self.root / REPORT_DIR / part
+
+
+def read_base(folder: StudyFolder) -> ExperimentConfig:
+    """The resolved base config the driver wrote to `base.yaml`."""
+    path = folder.base_yaml
+    return from_dict(load_yaml_file(path, ConfigError), str(path))
+
+
+def where(plan: Plan, view: str) -> str:
+    """Where a study's results are, printed when the driver ends; `view` shows the runs."""
+    folder, experiment = StudyFolder(plan.root), plan.spec.mlflow.experiment
+    return "\n".join(
+        [
+            "\nwhere things are:",
+            f"  ray results  {folder.ray_dir}  (Tune experiment; continue with --resume)",
+            f"  checkpoints  {folder.ray_dir}/<ray id>/checkpoint_*  (each trial's last epoch)",
+            f"  trials       {folder.trials_dir}/<ray id>/  (config.yaml, best.pt, {REPORTS_FILE})",
+            f"  optuna       {folder.optuna_uri}  (study {plan.spec.name})",
+            f"  mlflow       {redact(plan.tracking_uri)}  (experiment {experiment})",
+            f"  view runs    {view}",
+        ]
+    )
