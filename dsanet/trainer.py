@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import random
 import shutil
@@ -118,7 +119,20 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, default=float))
+    """Strict JSON: a non-finite number (no finite selection metric yet: -inf) is written as
+    null, since NaN and Infinity are not JSON and other readers refuse them."""
+    write_atomic(path, json.dumps(_finite_or_null(obj), indent=1, allow_nan=False))
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    value = float(obj)  # numpy and torch scalars
+    return value if math.isfinite(value) else None
 
 
 def read_run_config(path: Path) -> ExperimentConfig:

@@ -160,3 +160,18 @@ def test_fit_without_test_never_reads_the_test_split(xd_mini, tmp_path):
         path.unlink()
     with pytest.raises(FileNotFoundError, match="test feature file"):
         fit(cfg)
+
+
+def test_result_files_are_strict_json(tmp_path):
+    """No NaN or Infinity (not JSON): a metric without a finite value yet is null."""
+    import numpy as np
+
+    from dsanet.trainer import write_json_atomic
+
+    result = {"best_metric": -float("inf"), "h": [np.float32(0.5), float("nan")]}
+    write_json_atomic(result, tmp_path / "r.json")
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
+        "best_metric": None,
+        "h": [0.5, None],
+    }

@@ -74,12 +74,12 @@ def best_config(study: optuna.Study, spec: SpaceSpec) -> ExperimentConfig | None
 
 
 def write_trials_csv(study: optuna.Study, names: Sequence[str], path: Path) -> None:
-    """One row per trial: state, values, intermediate values (count, last step), params."""
+    """One row per trial: state, values, epochs reported and the last one, params."""
     trials = study.get_trials(deepcopy=False)
     params = sorted({k for t in trials for k in t.params})
     attrs = sorted({k for t in trials for k in t.user_attrs})
     header = ["number", "state", *[f"value_{n}" for n in names]]
-    header += ["intermediate_values", "last_step", "duration_s", *params]
+    header += ["epochs_reported", "last_step", "duration_s", *params]
     header += [f"attr.{a}" for a in attrs]
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)

@@ -303,7 +303,8 @@ class OptunaSearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
             return
         self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
-        log.info("Optuna trial %d: COMPLETE %s", number, values)
+        ray_id = self._frozen(number).user_attrs.get(RAY_TRIAL_ATTR, "")
+        log.info("Optuna trial %d (Ray %s): COMPLETE %s", number, ray_id, values)
 
     def _handle(self, number: int) -> optuna.Trial:
         if number not in self._handles:

@@ -299,8 +299,9 @@ class MlflowView(Callback):
         trial = self._frozen(number)
         ray_id = str(trial.user_attrs.get(RAY_TRIAL_ATTR, ""))
         tags = {TAG_STAGE: "search", "dsanet.optuna_trial": str(number)}
-        run = self._run(f"trial/{number}", f"trial-{number}", lambda: self._params(trial), tags)
         folder = self.folder.trial_dir(ray_id)
+        params = lambda: self._params(trial, folder)  # noqa: E731  (only built for a new run)
+        run = self._run(f"trial/{number}", f"trial-{number}", params, tags)
         epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
         metrics = [
             _metric(name, value, stamp, epoch)
@@ -448,10 +449,12 @@ class MlflowView(Callback):
             storage.get_trial_id_from_study_id_trial_number(self._study, number)
         )
 
-    def _params(self, trial: FrozenTrial) -> dict[str, Any]:
-        """The trial's whole resolved config: the base config with its sampled values."""
+    def _params(self, trial: FrozenTrial, folder: Path) -> dict[str, Any]:
+        """The trial's whole resolved config, as its `config.yaml`: the base config with its
+        sampled values and its own folder."""
         try:
-            return flatten(trial_config(self.spec, trial.params))
+            cfg = trial_config(self.spec, trial.params)
+            return flatten(cfg.with_overrides({"train.out_dir": str(folder)}))
         except ConfigError as exc:
             log.warning("MLflow: trial %d config is invalid (%s)", trial.number, exc)
             return dict(trial.params)

@@ -51,7 +51,7 @@ def test_study_artifacts(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE", "PRUNED"]
     assert rows[1]["value_val_ap"] == "" and rows[2]["value_val_ap"] == "0.7"
-    assert {r["intermediate_values"] for r in rows} == {"2"}
+    assert {r["epochs_reported"] for r in rows} == {"2"}
     assert rows[2]["optim.lr"] == "3e-05"
     best = yaml.safe_load((study_dir / "report" / "study" / "best_config.yaml").read_text())
     assert best["optim"]["lr"] == 3e-05 and best["model"]["num_prototypes"] == 4

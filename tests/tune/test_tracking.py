@@ -126,6 +126,7 @@ def test_study_layout(mlflow_server, tmp_path):
     lr = search.trials["done1"].config["optim.lr"]
     assert finished.data.params["optim.lr"] == str(lr)
     assert finished.data.params["train.epochs"] == "4"  # from the base config
+    assert finished.data.params["train.out_dir"] == str((root / "trials" / "done1").resolve())
     assert steps(client, finished, "val_ap") == [0, 1]
     assert steps(client, finished, "loss_total") == [0, 1]
     assert set(finished.data.metrics) == {"val_ap", "loss_total", "best_val_ap"}
