@@ -86,7 +86,6 @@ _RETRY_ENV = {
 }
 _WARN_EVERY_S = 300.0
 _BATCH = 100  # MLflow's limit of params (and tags) per log_batch; metrics allow 1000
-_FAILED_TRIES = 5  # non-transient failures of one run's sync before it is given up
 
 
 class TrackingUnavailable(ConnectionError):
@@ -105,8 +104,8 @@ class _Run:
 class MlflowView(Callback):
     """The study's MLflow record, kept up to date by Tune events and by `sync`.
 
-    `start()` before the search, `finish(status)` after it; `sync_seed(seed)` for a final-stage
-    seed once its result.json exists.
+    `start()` before the search, `finish(status)` after it, `sync()` whenever the folder
+    changed outside a Tune event (the final stage).
     """
 
     def __init__(self, study_dir: Path, spec: SpaceSpec, tracking_uri: str = "") -> None:
@@ -119,7 +118,7 @@ class MlflowView(Callback):
         self._storage: Any = None  # the Optuna study's, opened by the first sync
         self._study, self.study_id, self.experiment_id = -1, "", ""
         self._runs: dict[str, _Run] = {}  # run key -> its run, once read or created
-        self._dirty: dict[str, int] = {}  # run keys to sync -> failed tries
+        self._dirty: set[str] = set()  # run keys to sync
         self._errors: dict[str, str] = {}  # run key -> the trial's error line (from Ray)
         self._ended = ""  # the parent's final status, once the driver ends
         self._outage_since: float | None = None
@@ -158,7 +157,7 @@ class MlflowView(Callback):
         if status not in ("FINISHED", "KILLED", "FAILED"):
             raise ValueError(f"finish status {status!r}: use FINISHED, KILLED or FAILED")
         self._ended = status
-        done = self.sync(wait_s)
+        done = self.sync(wait_s) and not self._dirty
         if not done:
             log.error(
                 "MLflow at %s lacks updates of %d runs; they are written when the study is "
@@ -171,13 +170,8 @@ class MlflowView(Callback):
 
     def sync(self, wait_s: float = 0.0) -> bool:
         """Write every run of the study that MLflow lacks; True when nothing is left."""
-        for key in self._all_keys():
-            self._dirty.setdefault(key, 0)
+        self._dirty.update(self._all_keys())
         return self.drain(wait_s)
-
-    def sync_seed(self, seed: int) -> bool:
-        self._dirty.setdefault(f"final/seed_{seed}", 0)
-        return self.drain()
 
     def drain(self, wait_s: float = 0.0) -> bool:
         """Sync the runs marked as changed, retrying for up to `wait_s`; True if none remain."""
@@ -213,7 +207,7 @@ class MlflowView(Callback):
     def _touched(self, trial: Any) -> None:
         number = (trial.config or {}).get(OPTUNA_KEY)
         if number is not None:
-            self._dirty.setdefault(f"trial/{number}", 0)
+            self._dirty.add(f"trial/{number}")
         self.drain()
 
     # ------------------------------------------------------------------ syncing
@@ -240,13 +234,14 @@ class MlflowView(Callback):
                 if not self.experiment_id:
                     self._open_stores()
                 if PARENT not in self._runs:
-                    self._dirty.setdefault(PARENT, 0)
-                order = sorted(self._dirty, key=lambda k: k != PARENT)  # children need it
-                for key in order:
+                    self._dirty.add(PARENT)
+                for key in sorted(self._dirty, key=lambda k: k != PARENT):  # children need it
                     self._sync_one(key)
-        except (MlflowException, requests.RequestException, OSError) as exc:
-            if not _transient(exc):
-                raise
+                    self._dirty.discard(key)
+        except (MlflowException, requests.RequestException, OSError, KeyError) as exc:
+            if not _transient(exc):  # e.g. no permission: logged, left for the next full sync
+                log.error("MLflow at %s: %s", redact(self.uri), exc)
+                return True
             self._outage(str(exc))
             return False
         if self._outage_since is not None:
@@ -255,6 +250,8 @@ class MlflowView(Callback):
         return True
 
     def _sync_one(self, key: str) -> None:
+        """Sync one run; an error other than an outage is logged, and the run is tried again
+        by the driver's next full sync."""
         try:
             if key == PARENT:
                 self._sync_parent()
@@ -265,11 +262,7 @@ class MlflowView(Callback):
         except (MlflowException, requests.RequestException, OSError, ValueError) as exc:
             if _transient(exc):
                 raise
-            self._dirty[key] += 1
-            if self._dirty[key] < _FAILED_TRIES:
-                return  # tried again at the next event
-            log.warning("MLflow: run %s could not be written (%s); giving up", key, exc)
-        self._dirty.pop(key, None)
+            log.warning("MLflow: run %s could not be written: %s", key, exc)
 
     def _sync_parent(self) -> None:
         protocol = self.spec.base.data.protocol
@@ -288,7 +281,7 @@ class MlflowView(Callback):
         if summary.is_file():
             values = json.loads(summary.read_text())
             stamp = int(summary.stat().st_mtime * 1000)
-            self._log(run, [_metric(k, v, stamp, 0) for k, v in values.items()], {})
+            self._log(run, [Metric(k, v, stamp, 0) for k, v in values.items()], {})
         for name in REPORT_PARTS:  # report/<part>/ -> the parent's <part>/
             folder = self.folder.report_dir(name)
             if folder.is_dir():
@@ -304,7 +297,7 @@ class MlflowView(Callback):
         run = self._run(f"trial/{number}", f"trial-{number}", params, tags)
         epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
         metrics = [
-            _metric(name, value, stamp, epoch)
+            Metric(name, value, stamp, epoch)
             for epoch, stamp, values in epochs[run.epochs :]
             for name, value in values.items()
         ]
@@ -333,12 +326,13 @@ class MlflowView(Callback):
             return
         history = result.get("history", [])
         metrics = [
-            _metric(k, v, stamp, int(record["epoch"]))
+            Metric(k, v, stamp, int(record["epoch"]))
             for record in history
             for k, v in record.items()
-            if k != "epoch"
+            if k != "epoch" and _is_number(v)
         ]
-        metrics += [_metric(f"test_{k}", v, stamp, 0) for k, v in result.get("test", {}).items()]
+        tests = result.get("test", {}).items()
+        metrics += [Metric(f"test_{k}", v, stamp, 0) for k, v in tests if _is_number(v)]
         self._log(run, metrics, {TAG_EPOCHS: str(len(history))})
         for name in (RUN_CONFIG, RESULT_FILE, STATE_FILES[1]):
             if (folder / name).is_file():
@@ -377,8 +371,7 @@ class MlflowView(Callback):
             token = page.token
             if not token:
                 break
-        for key in self._all_keys():  # a driver's first look: anything may be missing
-            self._dirty.setdefault(key, 0)
+        self._dirty.update(self._all_keys())  # a driver's first look: anything may be missing
 
     def _run(self, key: str, name: str, params: Any, tags: Mapping[str, str]) -> _Run:
         """The run of `key`, created (nested under the parent) if MLflow has none. It is
@@ -589,10 +582,6 @@ def _read_config(path: Path) -> Any:
     from dsanet.yamlio import load_yaml_file
 
     return from_dict(load_yaml_file(path, ConfigError), str(path))
-
-
-def _metric(key: str, value: Any, stamp: int, step: int) -> Metric:
-    return Metric(key, float(value), stamp, step)
 
 
 def _stamp(path: Path) -> int:
