@@ -69,7 +69,7 @@ def test_link_or_copy_makes_a_new_name(tmp_path: Path):
     assert target.read_bytes() == b"weights" and os.stat(target).st_nlink == 2
 
 
-# The two regexes redact replaced (tune/plan.py's redact_uri, tune/mlflow_queue.py's redact):
+# The two regexes that redact replaced (the plan's and the MLflow tracker's, which differed):
 # whatever either masked, redact masks too.
 _OLD = (r"(\w+://)[^/@\s]+@", r"(\w+://)[^/@\s'\"]+@")
 
