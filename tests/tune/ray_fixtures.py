@@ -70,6 +70,19 @@ def write_space(folder: Path, data: dict[str, Path], **fields: Any) -> Path:
 # ---------------------------------------------------------------------------- studies
 
 
+def one_trial_space(folder: Path, data: dict[str, Path], epochs: int) -> Path:
+    """A space of one trial that runs `epochs` epochs without a scheduler (fault tests)."""
+    overrides = tiny_overrides(data, **{"train.epochs": epochs})
+    return write_space(
+        folder,
+        data,
+        overrides=overrides,
+        num_samples=1,
+        max_concurrent=1,
+        scheduler={"kind": "none"},
+    )
+
+
 def load_study(root: Path, name: str = "t") -> Any:
     import optuna
 

@@ -21,6 +21,7 @@ from ray_fixtures import (
     assert_resumed_from_checkpoint,
     kill_study,
     mlflow_children,
+    one_trial_space,
     reports,
     start_study,
     study_trials,
@@ -108,15 +109,7 @@ def test_trial_finishes_from_its_checkpoint_when_its_node_is_removed(tmp_path, x
 
     assert not ray.is_initialized()
     epochs = 5
-    overrides = tiny_overrides(xd_small, **{"train.epochs": epochs})
-    space = write_space(
-        tmp_path,
-        xd_small,
-        overrides=overrides,
-        num_samples=1,
-        max_concurrent=1,
-        scheduler={"kind": "none"},
-    )
+    space = one_trial_space(tmp_path, xd_small, epochs)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials go to workers
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     root, removed = tmp_path / "studies" / "t", []

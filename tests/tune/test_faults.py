@@ -25,9 +25,9 @@ from ray_fixtures import (
     RUN_PY,
     assert_resumed_from_checkpoint,
     mlflow_children,
+    one_trial_space,
     reports,
     study_trials,
-    tiny_overrides,
     write_space,
 )
 
@@ -44,15 +44,7 @@ EPOCHS = 5
 def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, xd_small, local_ray):
     from mlflow import MlflowClient
 
-    overrides = tiny_overrides(xd_small, **{"train.epochs": EPOCHS})
-    space = write_space(
-        tmp_path,
-        xd_small,
-        overrides=overrides,
-        num_samples=1,
-        max_concurrent=1,
-        scheduler={"kind": "none"},
-    )
+    space = one_trial_space(tmp_path, xd_small, EPOCHS)
     root, killed = tmp_path / "studies" / "t", []
 
     def kill_the_worker_mid_epoch() -> None:
