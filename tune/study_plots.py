@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from tune.space import SpaceSpec
@@ -185,8 +186,8 @@ def draw_curves(
                 color=COLOURS[kind],
                 alpha=alpha,
                 linewidth=1.0,
-                marker=marker,
-                markersize=3,
+                marker=marker or ("o" if len(curve.epochs) == 1 else None),
+                markersize=4,
                 zorder=1 + rank,
             )
     handles = [
@@ -207,6 +208,7 @@ def draw_curves(
         handles.append(Line2D([], [], color=BEST_COLOUR, linewidth=2.2, label=f"best: #{best}"))
     if rungs:
         handles.append(Line2D([], [], color="0.6", linestyle=":", label="ASHA rungs"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epochs completed")
     ax.set_ylabel(label)
     ax.set_title(f"Learning curves of {len(curves)} trials ({_counts(states)})")
