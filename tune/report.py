@@ -9,46 +9,101 @@ import csv
 import io
 import json
 import logging
-import warnings
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from dsanet.config import ExperimentConfig
 from dsanet.files import write_atomic
+from tune import study_plots
 from tune.layout import StudyFolder
 from tune.space import SpaceSpec, sampled_values, trial_config
 
 log = logging.getLogger(__name__)
 
 Target = Callable[[FrozenTrial], float] | None
+MIN_IMPORTANCE_TRIALS = 5  # complete trials; see importance_note
 
 
 # ---------------------------------------------------------------------------- the search
 
 
 def write_study_artifacts(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> Path:
-    """History, parameter importance and parallel coordinates per objective (PNG), every trial
-    (trials.csv) and the best config (best_config.yaml), in `report/study/`."""
+    """Per objective: learning curves, history and parallel coordinates over every trial,
+    pruned ones included (PNG, `tune.study_plots`), and parameter importance where there are
+    enough complete trials (`importance_note`); every trial (trials.csv), the best config
+    (best_config.yaml), and summary.json: trial counts, objectives, files, and `notes` saying
+    why a plot is missing. All JSON is strict (no NaN/Infinity: null instead)."""
     folder = _folder(study_dir, "study")
     names = objective_names(study, spec)
     write_trials_csv(study, names, folder / "trials.csv")
     best = best_config(study, spec)
+    notes = []
     if best is None:
         log.info("report: no complete trial yet, so no best_config.yaml")
+        notes.append("no complete trial yet, so no best_config.yaml")
     else:
         write_atomic(folder / "best_config.yaml", best.to_yaml())
     for index, name in enumerate(names):
         suffix = "" if len(names) == 1 else f"_{name}"
-        target = None if len(names) == 1 else (lambda t, i=index: t.values[i])
-        _optuna_plot("plot_optimization_history", study, target, name, folder / f"history{suffix}")
-        _optuna_plot("plot_parallel_coordinate", study, target, name, folder / f"parallel{suffix}")
-        _importance(study, target, name, folder / f"importance{suffix}")
+        try:
+            _objective_plots(study, spec, index, name, folder, suffix)
+        except Exception as exc:  # a plot must not lose the rest of a finished search's report
+            log.warning("report: plots for %s failed: %s", name, exc, exc_info=True)
+            notes.append(f"plots{suffix}: failed: {exc}")
+        note = importance_note(study, spec)
+        if note:
+            log.info("report: no parameter importance for %s: %s", name, note)
+            notes.append(f"importance{suffix}: {note}")
+        else:
+            target = None if len(names) == 1 else (lambda t, i=index: t.values[i])
+            _importance(study, target, name, folder / f"importance{suffix}")
+    _write_summary(study, names, notes, folder)
     return folder
+
+
+def _objective_plots(
+    study: optuna.Study, spec: SpaceSpec, index: int, name: str, folder: Path, suffix: str
+) -> None:
+    maximize = study.directions[index] == optuna.study.StudyDirection.MAXIMIZE
+    best = best_trial(study) if len(study.directions) == 1 else _best_on(study, index)
+    curves = study_plots.learning_curves(study, index)
+    path = folder / f"curves{suffix}.png"
+    study_plots.draw_curves(curves, best and best.number, name, _rungs(spec), path)
+    points = study_plots.history_points(study, index)
+    study_plots.draw_history(points, maximize, name, folder / f"history{suffix}.png")
+    rows = study_plots.parallel_rows(study, spec, index)
+    study_plots.draw_parallel(rows, spec.params, name, folder / f"parallel{suffix}.png")
+
+
+def importance_note(study: optuna.Study, spec: SpaceSpec) -> str:
+    """Why parameter importance is not computed, or "" when it is.
+
+    fANOVA fits a random forest of the objective on the searched parameters and splits its
+    variance between them. It needs at least MIN_IMPORTANCE_TRIALS complete trials and more
+    complete trials than searched parameters: with fewer points than dimensions every split
+    fits the points exactly, and with a handful of points the bootstrap resamples the same
+    few trials, so the "importance" reflects which trials ASHA let finish rather than the
+    parameters. Pruned trials do not count: their values come from earlier epochs.
+    """
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    needed = max(MIN_IMPORTANCE_TRIALS, len(spec.params) + 1)
+    if complete >= needed:
+        return ""
+    return (
+        f"{complete} complete trials; fANOVA importance needs at least {needed} "
+        f"({MIN_IMPORTANCE_TRIALS} and more than the {len(spec.params)} searched parameters)"
+    )
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (no NaN or Infinity tokens): non-finite numbers become null."""
+    return json.dumps(_finite_or_null(obj), indent=1, allow_nan=False)
 
 
 def objective_names(study: optuna.Study, spec: SpaceSpec) -> list[str]:
@@ -94,30 +149,44 @@ def write_trials_csv(study: optuna.Study, names: Sequence[str], path: Path) -> N
     write_atomic(path, handle.getvalue().encode())
 
 
-def _optuna_plot(name: str, study: optuna.Study, target: Target, label: str, stem: Path) -> None:
-    import matplotlib.pyplot as plt  # optuna's matplotlib plots draw through pyplot
-    from optuna.visualization import matplotlib as plots
+def _best_on(study: optuna.Study, index: int) -> FrozenTrial | None:
+    """The complete trial best on objective `index` alone."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    sign = 1.0 if study.directions[index] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return max(complete, key=lambda t: sign * t.values[index])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)  # axis cosmetics with one trial
-        try:
-            axes = getattr(plots, name)(study, target=target, target_name=label)
-        except (ValueError, RuntimeError) as exc:
-            log.warning("report: %s for %s skipped: %s", name, label, exc)
-            return
-    figure = np.ravel(axes)[0].figure
-    figure.set_size_inches(10, 6)
-    figure.savefig(stem.with_suffix(".png"), dpi=100, bbox_inches="tight")
-    plt.close(figure)
+
+def _rungs(spec: SpaceSpec) -> list[float]:
+    """ASHA's rung epochs, or none without ASHA (or where Ray cannot say)."""
+    if spec.scheduler.kind != "asha":
+        return []
+    try:
+        from tune.scheduler import rung_epochs
+
+        return rung_epochs(spec.scheduler)
+    except Exception as exc:  # a plot's decoration must not fail the report
+        log.warning("report: ASHA rungs not drawn: %s", exc)
+        return []
+
+
+def _write_summary(
+    study: optuna.Study, names: Sequence[str], notes: list[str], folder: Path
+) -> None:
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    summary = {
+        "trials": {s: states.count(s) for s in sorted(set(states))},
+        "objectives": list(names),
+        "files": sorted(p.name for p in folder.iterdir() if p.name != "summary.json"),
+        "notes": notes,
+    }
+    write_atomic(folder / "summary.json", json_text(summary))
 
 
 def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> None:
-    """fANOVA importance (Optuna's default); it needs two complete trials at least."""
+    """fANOVA importance (Optuna's default), once `importance_note` allows it."""
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if complete < 2:
-        log.info("report: parameter importance needs 2 complete trials, have %d", complete)
-        return
     try:
         importance = optuna.importance.get_param_importances(study, target=target)
     except (ValueError, RuntimeError) as exc:
@@ -125,7 +194,7 @@ def _importance(study: optuna.Study, target: Target, label: str, stem: Path) -> 
         return
     if not importance:
         return
-    write_atomic(stem.with_suffix(".json"), json.dumps(importance, indent=1))
+    write_atomic(stem.with_suffix(".json"), json_text(importance))
     figure = Figure(figsize=(8, 1.5 + 0.4 * len(importance)))
     ax = figure.subplots()
     names = list(importance)[::-1]
@@ -139,3 +208,14 @@ def _folder(study_dir: Path, part: str) -> Path:
     folder = StudyFolder(study_dir).report_dir(part)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    value = float(obj)  # numpy scalars
+    return value if math.isfinite(value) else None
