@@ -73,7 +73,9 @@ def _quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("tune", "dsanet"):
         logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # it has a handler of its own
+    # MLflow configures its loggers, with a handler of their own, when imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
