@@ -11,7 +11,9 @@ line naming the trial's Optuna number and Ray id:
 
 Ray calls the searcher's and the scheduler's hooks before a callback's, so a result at a rung
 epoch already carries ASHA's decision (`pruned`) and a complete trial its told values, which
-are the values at the epoch the trainer selects (`tune.searcher.selected_values`).
+are the values at the epoch the trainer selects (`tune.searcher.selected_values`) among the
+epochs this driver saw: for a trial continued by `--resume`, those since the resume (the study
+and the final summary hold all of them). Counts and the best value are this run's.
 """
 
 from __future__ import annotations

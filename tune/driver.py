@@ -322,8 +322,7 @@ def _trial_dirname(trial: Any) -> str:
 
 def _ray_environment() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials use absolute paths
-    # Ray's output is off (verbose=0, see tune/console.py); the classic engine honours that
-    # where the new one would still print its own, as would an AIR_VERBOSITY in the shell.
+    # Ray's classic output engine, which prints nothing at verbose=0 (tune/console.py does).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # With num_to_keep=1 Ray snapshots its state after every checkpoint: wanted, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
