@@ -80,7 +80,8 @@ class Console(Callback):
         entry = {"values": values, "select": float(result.get(select, math.nan))}
         self._epochs.setdefault(trial.trial_id, {})[int(step)] = entry
         stopped = self._pruned is not None and self._pruned(trial.trial_id)
-        if int(step) in self._rungs and not stopped:  # a prune is said when the trial ends
+        # A prune is said when the trial ends, as is the last rung, max_t: it completes there.
+        if int(step) in self._rungs and int(step) < self._max_t and not stopped:
             self._say(trial, f"kept at rung epoch {int(step)}: {self._values(values)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -36,7 +36,8 @@ def feed(console: Console, t: Trial, scores: list[float]) -> None:
 def test_each_trial_event_is_one_line_with_its_optuna_number_and_ray_id(tmp_path, capsys):
     spec = make_spec(tmp_path)
     max_t = spec.scheduler.max_t
-    console = Console(spec, pruned=lambda ray_id: ray_id == "r_p", rungs=[1], clock=Clock())
+    rungs = [1, max_t]  # at max_t the trial completes: no "kept" line there
+    console = Console(spec, pruned=lambda ray_id: ray_id == "r_p", rungs=rungs, clock=Clock())
     done, pruned = trial(spec, 3, "r_c"), trial(spec, 4, "r_p")
     for t in (done, pruned):
         console.on_trial_start(0, [done, pruned], t)
