@@ -26,7 +26,7 @@ from dsanet.files import write_atomic
 from tune.layout import RAY_DIR, where
 from tune.plan import JOIN_FIX, Plan, describe, prepare
 from tune.space import SpaceError, SpaceSpec
-from tune.summary import short_names, summarize
+from tune.summary import summarize
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ _ERRORS = (SpaceError, ConfigError, ValueError, KeyError, OSError)
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logging()
+    _ray_environment()  # before the plan imports Ray, which reads some of it at import
     try:
         plan = prepare(args, resume_command=_resume_command(argv))
     except _ERRORS as exc:
@@ -66,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_logging() -> None:
+    """INFO from this project's loggers only: third parties (open_clip's root `logging.info`,
+    Optuna's "A new study created", MLflow's run links) show warnings and errors."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("tune", "dsanet"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # MLflow configures its loggers, with a handler of their own, when imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # MLflow prints "View run ... at: <url>" for every run it ends on a tracking server.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 def _resume_command(argv: list[str]) -> str:
     kept = [a for a in argv if a not in ("--resume", "--dry-run")]
     return shlex.join(["python", "tune/run.py", *kept, "--resume"])
@@ -88,7 +105,7 @@ def run_study(plan: Plan) -> int:
     owns_ray = not ray.is_initialized()  # tests and notebooks may hold a Ray already
     if owns_ray:
         try:  # first: a cluster that cannot be joined leaves no Optuna study to --resume
-            ray.init(**_ray_args(plan.address))
+            ray.init(**_ray_args(plan.address), logging_level=logging.WARNING)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
             return _error(ValueError(_join_failure(plan.address, exc)))
     try:
@@ -180,8 +197,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
     trainable = tune.with_resources(run_trial, resources)
     param_space = {STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}}
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
-    reporter = _progress_reporter(spec)
-    callbacks = [SlimFinishedCheckpoints(), view]  # slimming first: the view links to it
+    callbacks = [SlimFinishedCheckpoints(), view, _console(plan, scheduler)]  # slim first
     restorable = plan.resume and _restorable(plan.ray_dir)
     if restorable and not _started_here(plan.root):
         restorable = False
@@ -200,7 +216,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
         tuner = tune.Tuner.restore(
             str(plan.ray_dir), trainable, resume_unfinished=True, param_space=param_space
         )
-        _use_this_run(tuner, search_alg, scheduler, callbacks, reporter)
+        _use_this_run(tuner, search_alg, scheduler, callbacks)
     else:  # new, or killed before Ray saved a trial: Optuna knows what is left
         remaining = spec.num_samples - len(finished_trials(study))
         if remaining <= 0:
@@ -221,8 +237,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
-                progress_reporter=reporter,
-                verbose=1,
+                verbose=0,  # tune/console.py prints the trials' progress
             ),
         )
     tuner.fit()
@@ -274,21 +289,20 @@ def _restorable(ray_dir: Path) -> bool:
     return bool(trials)
 
 
-def _use_this_run(
-    tuner: Any, search_alg: Any, scheduler: Any, callbacks: list, reporter: Any
-) -> None:
-    """Make a restored Tuner use this run's searcher, scheduler, MLflow view and progress table.
+def _use_this_run(tuner: Any, search_alg: Any, scheduler: Any, callbacks: list) -> None:
+    """Make a restored Tuner use this run's searcher, scheduler, callbacks and verbosity.
 
     Tuner.restore runs with the TuneConfig and RunConfig pickled when the study first started:
-    a scheduler without the rungs rebuilt here, and no MLflow view (a pickled one restores as a
-    callback that does nothing). Ray has no public way to replace them, hence the private
-    fields.
+    a scheduler without the rungs rebuilt here, no MLflow view (a pickled one restores as a
+    callback that does nothing) and, for a study started by an older driver, Ray's status
+    table. Ray has no public way to replace them, hence the private fields.
     """
     internal = tuner._local_tuner
     internal._tune_config.search_alg = search_alg
     internal._tune_config.scheduler = scheduler
     internal._run_config.callbacks = callbacks
-    internal._run_config.progress_reporter = reporter
+    internal._run_config.progress_reporter = None
+    internal._run_config.verbose = 0
 
 
 def _missing_resources(spec: SpaceSpec, have: dict[str, float]) -> str:
@@ -308,9 +322,14 @@ def _trial_dirname(trial: Any) -> str:
 
 def _ray_environment() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials use absolute paths
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows chosen columns
+    # Ray's classic output engine, which prints nothing at verbose=0 (tune/console.py does).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # With num_to_keep=1 Ray snapshots its state after every checkpoint: wanted, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray's "may be a performance bottleneck" warnings: slow steps of a small local study
+    # (a callback writing to MLflow, the searcher's SQLite) are expected, not actionable.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "1e9")
+    os.environ.setdefault("TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
 
 
 def _ray_args(address: str | None) -> dict[str, Any]:
@@ -319,21 +338,16 @@ def _ray_args(address: str | None) -> dict[str, Any]:
     return {"address": address, "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
 
 
-def _progress_reporter(spec: SpaceSpec) -> Any:
-    from ray.tune import CLIReporter
+def _console(plan: Plan, scheduler: Any) -> Any:
+    from tune.console import Console
+    from tune.scheduler import rung_epochs
 
-    from tune.searcher import STEP_KEY
-
-    split = "val" if spec.base.data.protocol == "validation" else "test"
-    best = f"best_{split}_{spec.base.train.select_metric}"
-    metrics = {STEP_KEY: "epochs", **{m: m for m in spec.metric}, best: best}
-    return CLIReporter(
-        metric_columns={**metrics, "loss_total": "loss"},
-        parameter_columns=short_names([p.name for p in spec.params]),
-        metric=spec.metric[0],
-        mode=spec.mode[0],
-        sort_by_metric=True,
-        max_report_frequency=30,
+    asha = plan.spec.scheduler.kind == "asha"
+    return Console(
+        plan.spec,
+        pruned=getattr(scheduler, "pruned", None),
+        rungs=rung_epochs(plan.spec.scheduler) if asha else None,
+        ray_dir=plan.ray_dir,
     )
 
 

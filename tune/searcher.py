@@ -218,9 +218,10 @@ class OptunaSearcher(Searcher):
         number = self._trials.get(trial_id)
         if number is None or self._frozen(number).state.is_finished():
             return  # not ours, or already told (a trial replayed after a restore)
+        # Debug lines: the driver's console (tune/console.py) prints each of these endings.
         if error:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            log.info("Optuna trial %d (Ray %s): FAIL", number, trial_id)
+            log.debug("Optuna trial %d (Ray %s): FAIL", number, trial_id)
             return
         if result:  # the last result: Ray skips on_trial_result when the scheduler stops
             self._record(number, result)
@@ -230,9 +231,9 @@ class OptunaSearcher(Searcher):
             self._tell_complete(number, epochs)
         elif self._pruned is not None and self._pruned(trial_id):
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
-            log.info("Optuna trial %d (Ray %s): PRUNED after %d epochs", number, trial_id, done)
+            log.debug("Optuna trial %d (Ray %s): PRUNED after %d epochs", number, trial_id, done)
         else:
-            log.info(
+            log.debug(
                 "Optuna trial %d (Ray %s) stopped after %d of %d epochs without a scheduler "
                 "decision (interrupted); it stays RUNNING for --resume",
                 number,
@@ -304,7 +305,7 @@ class OptunaSearcher(Searcher):
             return
         self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
         ray_id = self._frozen(number).user_attrs.get(RAY_TRIAL_ATTR, "")
-        log.info("Optuna trial %d (Ray %s): COMPLETE %s", number, ray_id, values)
+        log.debug("Optuna trial %d (Ray %s): COMPLETE %s", number, ray_id, values)
 
     def _handle(self, number: int) -> optuna.Trial:
         if number not in self._handles:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune import Callback
 
@@ -53,6 +54,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from dsanet.trainer import fit  # torch stays out of the driver, which only schedules
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # per epoch
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id():  # not in tests
+        worker_logging()
     out_dir = StudyFolder(config[STUDY_KEY]["dir"]).trial_dir(tune.get_context().get_trial_id())
     cfg = read_trial_config(config, out_dir)
     resumed_at = _reset_to_checkpoint(out_dir)
@@ -71,6 +74,34 @@ def run_trial(config: dict[str, Any]) -> None:
         (out_dir / STATE_FILES[0]).unlink(missing_ok=True)
         _release(gpu_share)
         _running.discard(threading.current_thread())
+
+
+def worker_logging() -> None:
+    """This project's warnings in a worker, each once and in the driver's format.
+
+    dsanet and tune get one stderr handler each and stop there: open_clip logs through the
+    root logger (`logging.info`), which installs a root handler (`basicConfig`) in a process
+    without one, so records went on through it or Python's last-resort handler, in two formats
+    from one trial to the next. open_clip's own "No pretrained weights loaded" repeats dsanet's
+    "text.weights is empty" warning and is dropped (a filter on the root logger sees only the
+    records logged on it, i.e. open_clip's).
+    """
+    for name in ("dsanet", "tune"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_dsanet_worker", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            handler._dsanet_worker = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False
+    root = logging.getLogger()
+    if _random_weights_repeat not in root.filters:
+        root.addFilter(_random_weights_repeat)
+
+
+def _random_weights_repeat(record: logging.LogRecord) -> bool:
+    """False for open_clip's warning that dsanet's `resolve_text_weights` has given already."""
+    return not str(record.msg).startswith("No pretrained weights loaded for model")
 
 
 def read_trial_config(config: dict[str, Any], out_dir: Path) -> ExperimentConfig:
