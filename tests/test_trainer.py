@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_run_overrides
 
+from dsanet.cli import main
 from dsanet.config import load_config
 from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 
@@ -111,24 +112,18 @@ def test_cli_train_then_evaluate(xd_mini, tmp_path):
         (["evaluate", "--checkpoint", "{tmp}/run/best.pt"], "best.pt is not a torch.save file"),
     ],
 )
-def test_cli_errors_are_one_line(argv, message, tmp_path):
+def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    """In-process `main(argv)`: the subprocess path is covered by test_cli_train_then_evaluate."""
     (tmp_path / "broken.yaml").write_text("model: {num_prototypes: 4\n")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(load_config("demo").to_yaml())
     (tmp_path / "run" / "best.pt").write_bytes(b"half a checkpoint")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    run = subprocess.run(
-        [sys.executable, "-m", "dsanet", *argv, "data.list_dir=/tmp"]
-        if argv[0] == "train"
-        else [sys.executable, "-m", "dsanet", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr and message in run.stderr
-    assert run.stderr.strip().startswith("error:") and run.stderr.count("error:") == 1
+    status = main([*argv, "data.list_dir=/tmp"] if argv[0] == "train" else argv)
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    assert "Traceback" not in stderr and message in stderr
+    assert stderr.strip().startswith("error:") and stderr.count("error:") == 1
 
 
 def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_mini, tmp_path):
