@@ -77,19 +77,6 @@ def xd_mini(tmp_path_factory) -> dict[str, Path]:
     return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
 
 
-@pytest.fixture(scope="session")
-def xd_small(tmp_path_factory) -> dict[str, Path]:
-    """A quarter-size synthetic xd-mini (40 train / 20 test videos): epochs of about a second.
-
-    Shared by the library's training tests and the search tests, so it is made once a session.
-    """
-    from dsanet.synth import generate
-
-    out = tmp_path_factory.mktemp("xd-small") / "data"
-    generate("xd-mini", out, seed=0, scale=0.25)
-    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
-
-
 def tiny_run_overrides(data: dict[str, Path], out_dir: Path) -> list[str]:
     """A DSANet small enough for CPU tests: short window, one decoder block, 1-layer text."""
     return [

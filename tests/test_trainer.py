@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_run_overrides
+from conftest import REPO, tiny_run_overrides, write_tiny_tree
 
 from dsanet.cli import main
 from dsanet.config import load_config
@@ -19,27 +19,37 @@ class Crash(Exception):
     pass
 
 
-def _config(xd_small, out_dir, *extra):
-    return load_config("demo", tiny_run_overrides(xd_small, out_dir) + list(extra))
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny XD tree (5 train / 3 test videos), shared with its feature cache by the module."""
+    return write_tiny_tree(tmp_path_factory.mktemp("trainer") / "tiny")
+
+
+# Half of the tiny tree's videos validate, so that the stratified split holds both kinds.
+TINY_VAL = "data.val_fraction=0.5"
+
+
+def _config(data, out_dir, *extra):
+    return load_config("demo", tiny_run_overrides(data, out_dir) + [TINY_VAL, *extra])
 
 
 @pytest.fixture(scope="module")
-def straight_run(xd_small, tmp_path_factory):
+def straight_run(tiny, tmp_path_factory):
     """One uninterrupted 2-epoch tiny run: its result, the records its callback saw, its folder."""
     out = tmp_path_factory.mktemp("straight") / "run"
     seen = []
-    result = fit(_config(xd_small, out), on_epoch_end=lambda r, f: seen.append(r))
+    result = fit(_config(tiny, out), on_epoch_end=lambda r, f: seen.append(r))
     return result, seen, out
 
 
-def test_resume_continues_exactly(straight_run, xd_small, tmp_path):
+def test_resume_continues_exactly(straight_run, tiny, tmp_path):
     straight = straight_run[0]
 
     def crash_after_first(record, folder):
         assert (folder / CHECKPOINT).is_file()
         raise Crash
 
-    cfg = _config(xd_small, tmp_path / "resumed")
+    cfg = _config(tiny, tmp_path / "resumed")
     with pytest.raises(Crash):
         fit(cfg, on_epoch_end=crash_after_first)
     # A kill during a checkpoint write leaves its temporary file (300 MB at the demo size).
@@ -73,22 +83,22 @@ def test_fit_selects_on_validation_and_tests_once(straight_run):
     assert not list(run.glob(".*tmp*"))
 
 
-def test_callback_can_stop_early(xd_small, tmp_path):
-    result = fit(_config(xd_small, tmp_path / "stop"), on_epoch_end=lambda r, f: True)
+def test_callback_can_stop_early(tiny, tmp_path):
+    result = fit(_config(tiny, tmp_path / "stop"), on_epoch_end=lambda r, f: True)
     assert len(result.history) == 1 and result.test
 
 
-def test_reference_protocol_selects_on_test(xd_small, tmp_path):
-    cfg = _config(xd_small, tmp_path / "ref", "data.protocol=reference", "train.epochs=1")
+def test_reference_protocol_selects_on_test(tiny, tmp_path):
+    cfg = _config(tiny, tmp_path / "ref", "data.protocol=reference", "train.epochs=1")
     result = fit(cfg)
     assert result.select_metric == "test_ap"
     assert "test_map_avg" in result.history[0]
 
 
-def test_cli_train_then_evaluate(xd_small, tmp_path, capsys):
+def test_cli_train_then_evaluate(tiny, tmp_path, capsys):
     """The one subprocess run of `python -m dsanet`; the evaluation of its run is in-process."""
     out = tmp_path / "cli"
-    args = tiny_run_overrides(xd_small, out) + ["train.epochs=1"]
+    args = tiny_run_overrides(tiny, out) + [TINY_VAL, "train.epochs=1"]
     run = subprocess.run(
         [sys.executable, "-m", "dsanet", "train", "--config", "demo", *args],
         capture_output=True,
@@ -130,9 +140,9 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     assert stderr.strip().startswith("error:") and stderr.count("error:") == 1
 
 
-def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_small, tmp_path):
+def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(tiny, tmp_path):
     cfg = _config(
-        xd_small, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", "train.epochs=1"
+        tiny, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", "train.epochs=1"
     )
     result = fit(cfg)
     assert result.select_metric == "" and result.best_epoch == -1
@@ -143,14 +153,14 @@ def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(xd_small, tmp_
     assert not any(k.startswith("val_") for k in result.history[0]) and "ap" in result.test
 
 
-def test_fit_without_test_never_reads_the_test_split(xd_small, tmp_path):
+def test_fit_without_test_never_reads_the_test_split(tiny, tmp_path):
     from dsanet.loading import read_test_inputs
 
     apart = tmp_path / "test-features"  # the test features exist, and cannot be read
     apart.mkdir()
-    for path in read_test_inputs(_config(xd_small, tmp_path).data).videos.paths:
+    for path in read_test_inputs(_config(tiny, tmp_path).data).videos.paths:
         (apart / path.name).write_bytes(b"not a feature file")
-    cfg = _config(xd_small, tmp_path / "run", f"data.test_feature_root={apart}", "train.epochs=1")
+    cfg = _config(tiny, tmp_path / "run", f"data.test_feature_root={apart}", "train.epochs=1")
     result = fit(cfg, test=False)
     assert result.test == {} and result.best_epoch == 0
     saved = json.loads((tmp_path / "run" / RESULT).read_text())

@@ -1,5 +1,5 @@
-"""Fixtures of the search tests: a real `mlflow server` on 127.0.0.1, a local Ray, short Ray
-temp dirs; and the top-level helpers (the small synthetic data, xd_small, is in ../conftest.py).
+"""Fixtures of the search tests: a real `mlflow server` on 127.0.0.1, small synthetic data, a
+local Ray, short Ray temp dirs; and the top-level helpers.
 
 `import conftest` in a test under tests/tune finds this file first, so the helpers of
 tests/conftest.py are re-exported here.
@@ -119,8 +119,14 @@ def own_mlflow_server(tmp_path) -> MlflowServer:
     server.stop()
 
 
-# xd_small, the small synthetic data, lives in tests/conftest.py: the training tests of the
-# library use it too, and a session fixture defined in both files would be generated twice.
+@pytest.fixture(scope="session")
+def xd_small(tmp_path_factory) -> dict[str, Path]:
+    """A quarter-size synthetic xd-mini (40 train / 20 test videos): epochs of about a second."""
+    from dsanet.synth import generate
+
+    out = tmp_path_factory.mktemp("xd-small") / "data"
+    generate("xd-mini", out, seed=0, scale=0.25)
+    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
 
 
 @pytest.fixture
