@@ -27,6 +27,9 @@ def tiny(tmp_path_factory):
 
 # Half of the tiny tree's videos validate, so that the stratified split holds both kinds.
 TINY_VAL = "data.val_fraction=0.5"
+# One epoch of one step, for the tests of what happens around training (the resume and selection
+# tests keep tiny_run_overrides' 2 epochs of 3 steps).
+ONE_STEP = ("train.epochs=1", "train.max_steps_per_epoch=1")
 
 
 def _config(data, out_dir, *extra):
@@ -84,12 +87,14 @@ def test_fit_selects_on_validation_and_tests_once(straight_run):
 
 
 def test_callback_can_stop_early(tiny, tmp_path):
-    result = fit(_config(tiny, tmp_path / "stop"), on_epoch_end=lambda r, f: True)
+    # 2 epochs (tiny_run_overrides'), of one step each: the callback stops after the first.
+    cfg = _config(tiny, tmp_path / "stop", "train.max_steps_per_epoch=1")
+    result = fit(cfg, on_epoch_end=lambda r, f: True)
     assert len(result.history) == 1 and result.test
 
 
 def test_reference_protocol_selects_on_test(tiny, tmp_path):
-    cfg = _config(tiny, tmp_path / "ref", "data.protocol=reference", "train.epochs=1")
+    cfg = _config(tiny, tmp_path / "ref", "data.protocol=reference", *ONE_STEP)
     result = fit(cfg)
     assert result.select_metric == "test_ap"
     assert "test_map_avg" in result.history[0]
@@ -98,7 +103,7 @@ def test_reference_protocol_selects_on_test(tiny, tmp_path):
 def test_cli_train_then_evaluate(tiny, tmp_path, capsys):
     """The one subprocess run of `python -m dsanet`; the evaluation of its run is in-process."""
     out = tmp_path / "cli"
-    args = tiny_run_overrides(tiny, out) + [TINY_VAL, "train.epochs=1"]
+    args = tiny_run_overrides(tiny, out) + [TINY_VAL, *ONE_STEP]
     run = subprocess.run(
         [sys.executable, "-m", "dsanet", "train", "--config", "demo", *args],
         capture_output=True,
@@ -141,9 +146,7 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(tiny, tmp_path):
-    cfg = _config(
-        tiny, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", "train.epochs=1"
-    )
+    cfg = _config(tiny, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", *ONE_STEP)
     result = fit(cfg)
     assert result.select_metric == "" and result.best_epoch == -1
     # best.pt holds the weights to use under every protocol: here the last epoch's.
@@ -160,7 +163,7 @@ def test_fit_without_test_never_reads_the_test_split(tiny, tmp_path):
     apart.mkdir()
     for path in read_test_inputs(_config(tiny, tmp_path).data).videos.paths:
         (apart / path.name).write_bytes(b"not a feature file")
-    cfg = _config(tiny, tmp_path / "run", f"data.test_feature_root={apart}", "train.epochs=1")
+    cfg = _config(tiny, tmp_path / "run", f"data.test_feature_root={apart}", *ONE_STEP)
     result = fit(cfg, test=False)
     assert result.test == {} and result.best_epoch == 0
     saved = json.loads((tmp_path / "run" / RESULT).read_text())
