@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import optuna
 import yaml
-from conftest import tiny_run_overrides, write_space, write_tiny_tree
+from conftest import write_space
 from mlflow import MlflowClient
 
 from dsanet.config import load_config
-from dsanet.trainer import RESULT, fit
+from dsanet.trainer import CONFIG, RESULT
 from tune.report import pick_videos, write_best_trial_artifacts, write_study_artifacts
 from tune.space import optuna_distributions
 from tune.tracking import PARENT, MlflowTracker
@@ -89,12 +89,10 @@ def test_pick_videos_mixes_anomalous_and_normal():
     assert normal[pick_videos(normal, 5)].sum() == 2  # the odd one is anomalous
 
 
-def test_best_model_artifacts_of_a_tiny_run(tmp_path):
+def test_best_model_artifacts_of_a_tiny_run(tiny_finished_run, tmp_path):
     """The plots draw what dsanet computes: metrics.json repeats the run's own test numbers."""
-    data = write_tiny_tree(tmp_path / "tiny")
-    extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
-    cfg = load_config("demo", tiny_run_overrides(data, tmp_path / "run") + extra)
-    run = fit(cfg).out_dir
+    run = tiny_finished_run  # a 1-epoch, 1-step fit on the tiny tree, validation protocol
+    cfg = load_config(run / CONFIG)
     logged = []
     tracker = SimpleNamespace(log_artifact=lambda *args: logged.append(args))
     folder = write_best_trial_artifacts(run, tracker, tmp_path / "study")
