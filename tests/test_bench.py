@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks: each `--quick` run exits 0 and prints its result row.
 
-No timing is asserted; the numbers live in bench/RESULTS.md.
+No timing is asserted; the numbers live in bench/RESULTS.md. All are in the slow set (`-m slow`):
+each starts a Python with torch and builds models, which the default suite cannot afford.
 """
 
 from __future__ import annotations
@@ -29,24 +30,28 @@ def _quick(script: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_step_quick_losses_equal():
     out = _quick("bench_step.py")
     assert "| B1 training step" in out
     assert "losses equal" in out and "gradients equal" in out
 
 
+@pytest.mark.slow
 def test_eval_quick():
     out = _quick("bench_eval.py")
     assert "| B2 test-set evaluation vs training epoch" in out
     assert "% of an epoch" in out
 
 
+@pytest.mark.slow
 def test_data_quick_rows_equal():
     out = _quick("bench_data.py")
     assert "| B3 epoch data time" in out and "rows equal" in out
     assert "| B3 resident memory, 2 process(es)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FIXTURE.is_file(), reason="needs ../shared/fixtures")
 def test_map_quick():
     assert "| segment mAP, XD fixture" in _quick("bench_map.py")

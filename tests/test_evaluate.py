@@ -10,28 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_overrides, write_tiny_tree
 
 from dsanet.config import EvalConfig, load_config
 from dsanet.evaluate import class_confusion, video_class_predictions, video_class_scores
 from dsanet.model import belief_modulation
 from dsanet.runs import load_run
-from dsanet.trainer import BEST, CHECKPOINT, CONFIG, RESULT, fit
+from dsanet.trainer import BEST, CHECKPOINT, CONFIG, RESULT
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tiny_finished_run) -> Path:
     """The folder of a finished 1-epoch, 1-step tiny run (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("eval-run")
-    data = write_tiny_tree(root / "tiny")
-    overrides = tiny_run_overrides(data, root / "run")
-    fit(
-        load_config(
-            "demo",
-            [*overrides, "train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"],
-        )
-    )
-    return root / "run"
+    return tiny_finished_run
 
 
 @pytest.fixture(scope="module")

@@ -10,24 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_error, tiny_run_overrides, write_tiny_tree
+from conftest import one_error
 
 from dsanet.cli import main
-from dsanet.config import load_config
 from dsanet.plots import pick_videos, write_test_plots
 from dsanet.runs import load_run
-from dsanet.trainer import RESULT, fit
+from dsanet.trainer import RESULT
 
 PLOTS = {"videos.png", "roc.png", "pr.png", "confusion.png", "confusion.json", "metrics.json"}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A 1-epoch tiny run under the validation protocol (one anomalous test video)."""
-    root = tmp_path_factory.mktemp("plots-run")
-    extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
-    overrides = tiny_run_overrides(write_tiny_tree(root / "tiny"), root / "run") + extra
-    return fit(load_config("demo", overrides)).out_dir
+@pytest.fixture
+def tiny_run(tiny_finished_run) -> Path:
+    """tests/conftest.py's finished tiny run (validation protocol, one anomalous test video)."""
+    return tiny_finished_run
 
 
 def test_pick_videos_mixes_anomalous_and_normal():

@@ -58,9 +58,34 @@ BAD_RUNS = {
 }
 
 
+def _refused_before_ray(tmp_path: Path, status: int, stderr: str, message: str) -> None:
+    assert status == 2, stderr
+    assert stderr.startswith("error: ") and stderr.count("error:") == 1, stderr
+    assert "Traceback" not in stderr
+    assert re.search(message, stderr, re.S), stderr
+    assert not list((tmp_path / "ray-tmp").iterdir())  # Ray never started
+    assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
+
+
 @pytest.mark.parametrize("case", list(BAD_RUNS))
-def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case):
+def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case, capsys, monkeypatch):
+    """In-process `main(argv)`; the test below runs `python tune/run.py` itself."""
+    import ray
+
+    from tune.driver import main
+
     make_args, message = BAD_RUNS[case]
+    args = make_args(write_space(tmp_path, xd_small))
+    (tmp_path / "ray-tmp").mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+    status = main([*args, "--final-seeds", "0"])
+    _refused_before_ray(tmp_path, status, capsys.readouterr().err, message)
+    assert not ray.is_initialized()
+
+
+def test_run_py_refuses_bad_input_as_users_run_it(tmp_path, xd_small):
+    """The one subprocess run of `python tune/run.py`: exit status and stderr as users see them."""
+    make_args, message = BAD_RUNS["space unknown parameter"]
     args = make_args(write_space(tmp_path, xd_small))
     ray_tmp = tmp_path / "ray-tmp"
     ray_tmp.mkdir()
@@ -72,9 +97,4 @@ def test_bad_input_is_one_error_message_before_ray(tmp_path, xd_small, case):
         env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
         timeout=300,
     )
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("error: ") and run.stderr.count("error:") == 1, run.stderr
-    assert "Traceback" not in run.stderr
-    assert re.search(message, run.stderr, re.S), run.stderr
-    assert not list(ray_tmp.iterdir())  # Ray never started
-    assert not (tmp_path / "studies" / "t" / "optuna.db").exists()
+    _refused_before_ray(tmp_path, run.returncode, run.stderr, message)
