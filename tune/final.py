@@ -25,6 +25,7 @@ from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 from tune.layout import StudyFolder
 from tune.space import SpaceSpec
 from tune.tracking import MlflowView
+from tune.trainable import drop_random_weights_repeat, worker_logging
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def run_final_stage(
     path, text = StudyFolder(study_dir).final_summary, json.dumps(summary, indent=1)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
         write_atomic(path, text)
+    # The plots build a model in this process too: open_clip would repeat dsanet's warning.
+    if drop_random_weights_repeat not in logging.getLogger().filters:
+        logging.getLogger().addFilter(drop_random_weights_repeat)
     first = load_run(configs[min(configs)].train.out_dir)
     write_test_plots(first, StudyFolder(study_dir).report_dir("best"))
     print(format_table({s: results[s]["test"] for s in configs}, summary))
@@ -83,7 +87,7 @@ def train_seeds(configs: Mapping[int, ExperimentConfig], spec: SpaceSpec) -> dic
             log.info("final stage: seed %d already trained (%s), not retrained", seed, RESULT)
     ray = sys.modules.get("ray")  # not imported means not initialised
     if todo and ray is not None and ray.is_initialized():
-        task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(fit_seed)
+        task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_fit_in_worker)
         ray.get([task.remote(cfg) for cfg in todo])
     else:
         for cfg in todo:
@@ -92,6 +96,12 @@ def train_seeds(configs: Mapping[int, ExperimentConfig], spec: SpaceSpec) -> dic
         seed: json.loads((Path(cfg.train.out_dir) / RESULT).read_text())
         for seed, cfg in configs.items()
     }
+
+
+def _fit_in_worker(cfg: ExperimentConfig) -> str:
+    """`fit_seed` as a Ray task: the worker prints this project's warnings once, as trials do."""
+    worker_logging()
+    return fit_seed(cfg)
 
 
 def fit_seed(cfg: ExperimentConfig) -> str:

@@ -95,11 +95,11 @@ def worker_logging() -> None:
             logger.addHandler(handler)
         logger.propagate = False
     root = logging.getLogger()
-    if _random_weights_repeat not in root.filters:
-        root.addFilter(_random_weights_repeat)
+    if drop_random_weights_repeat not in root.filters:
+        root.addFilter(drop_random_weights_repeat)
 
 
-def _random_weights_repeat(record: logging.LogRecord) -> bool:
+def drop_random_weights_repeat(record: logging.LogRecord) -> bool:
     """False for open_clip's warning that dsanet's `resolve_text_weights` has given already."""
     return not str(record.msg).startswith("No pretrained weights loaded for model")
 

@@ -84,7 +84,7 @@ def test_the_summary_line_comes_at_most_every_30_seconds(tmp_path, capsys):
 def test_a_dsanet_warning_after_open_clip_reaches_stderr_once(capsys):
     import open_clip  # noqa: F401
 
-    from tune.trainable import _random_weights_repeat, worker_logging
+    from tune.trainable import drop_random_weights_repeat, worker_logging
 
     root = logging.getLogger()
     saved = root.handlers[:]
@@ -99,7 +99,7 @@ def test_a_dsanet_warning_after_open_clip_reaches_stderr_once(capsys):
         assert err == "WARNING dsanet.text: text.weights is empty: RANDOM weights\n"
     finally:
         root.handlers[:] = saved
-        root.removeFilter(_random_weights_repeat)
+        root.removeFilter(drop_random_weights_repeat)
         for name in ("dsanet", "tune"):
             logging.getLogger(name).handlers.clear()
             logging.getLogger(name).propagate = True
