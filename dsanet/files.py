@@ -8,6 +8,8 @@ never see a change.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -67,3 +69,20 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # another filesystem, or links not supported
         shutil.copy2(source, target)
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (no NaN or Infinity, which are not JSON and other readers refuse): a
+    non-finite number is written as null; numpy and torch scalars as plain numbers."""
+    return json.dumps(_finite_or_null(obj), indent=1, allow_nan=False)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    value = float(obj)
+    return value if math.isfinite(value) else None

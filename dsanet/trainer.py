@@ -6,9 +6,7 @@ only hook the search uses.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import pickle
 import random
 import shutil
@@ -34,7 +32,7 @@ from dsanet.evaluate import (
     test_metrics,
     validation_metrics,
 )
-from dsanet.files import remove_stale, replace_atomic, write_atomic
+from dsanet.files import json_text, remove_stale, replace_atomic, write_atomic
 from dsanet.loading import DataBundle, load_data
 from dsanet.losses import total_loss
 from dsanet.metrics import AP, AUC, MAP_AVG
@@ -119,20 +117,8 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    """Strict JSON: a non-finite number (no finite selection metric yet: -inf) is written as
-    null, since NaN and Infinity are not JSON and other readers refuse them."""
-    write_atomic(path, json.dumps(_finite_or_null(obj), indent=1, allow_nan=False))
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    value = float(obj)  # numpy and torch scalars
-    return value if math.isfinite(value) else None
+    """Strict JSON (`dsanet.files.json_text`): a metric without a finite value yet is null."""
+    write_atomic(path, json_text(obj))
 
 
 def read_run_config(path: Path) -> ExperimentConfig:

@@ -114,7 +114,11 @@ class StudyFolder:
 
 def read_base(folder: StudyFolder) -> ExperimentConfig:
     """The resolved base config the driver wrote to `base.yaml`."""
-    path = folder.base_yaml
+    return read_config(folder.base_yaml)
+
+
+def read_config(path: Path) -> ExperimentConfig:
+    """A resolved config this project wrote (`base.yaml`, a run's `config.yaml`)."""
     return from_dict(load_yaml_file(path, ConfigError), str(path))
 
 

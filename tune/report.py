@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from dsanet.config import ExperimentConfig
-from dsanet.files import write_atomic
+from dsanet.files import json_text, write_atomic
 from tune import study_plots
 from tune.layout import StudyFolder
 from tune.space import SpaceSpec, sampled_values, trial_config
@@ -99,11 +96,6 @@ def importance_note(study: optuna.Study, spec: SpaceSpec) -> str:
         f"{complete} complete trials; fANOVA importance needs at least {needed} "
         f"({MIN_IMPORTANCE_TRIALS} and more than the {len(spec.params)} searched parameters)"
     )
-
-
-def json_text(obj: Any) -> str:
-    """Strict JSON (no NaN or Infinity tokens): non-finite numbers become null."""
-    return json.dumps(_finite_or_null(obj), indent=1, allow_nan=False)
 
 
 def objective_names(study: optuna.Study, spec: SpaceSpec) -> list[str]:
@@ -208,14 +200,3 @@ def _folder(study_dir: Path, part: str) -> Path:
     folder = StudyFolder(study_dir).report_dir(part)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    value = float(obj)  # numpy scalars
-    return value if math.isfinite(value) else None

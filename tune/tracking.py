@@ -52,6 +52,7 @@ from tune.layout import (
     RUN_CONFIG,
     STATE_FILES,
     StudyFolder,
+    read_config,
 )
 from tune.plan import PROTOCOL_NOTES
 from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records
@@ -280,7 +281,7 @@ class MlflowView(Callback):
         summary = self.folder.final_summary
         if summary.is_file():
             values = json.loads(summary.read_text())
-            stamp = int(summary.stat().st_mtime * 1000)
+            stamp = _stamp(summary)
             self._log(run, [Metric(k, v, stamp, 0) for k, v in values.items()], {})
         for name in REPORT_PARTS:  # report/<part>/ -> the parent's <part>/
             folder = self.folder.report_dir(name)
@@ -320,7 +321,7 @@ class MlflowView(Callback):
         result, stamp = json.loads(result_file.read_text()), _stamp(result_file)
         cfg_file = folder / RUN_CONFIG
         tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
-        params = (lambda: flatten(_read_config(cfg_file))) if cfg_file.is_file() else dict
+        params = (lambda: flatten(read_config(cfg_file))) if cfg_file.is_file() else dict
         run = self._run(f"final/seed_{seed}", f"final-seed-{seed}", params, tags)
         if run.status == "FINISHED":
             return
@@ -575,13 +576,6 @@ def _error_line(trial: Any) -> str:
         lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line]
         return lines[-1][:500] if lines else ""
     return ""
-
-
-def _read_config(path: Path) -> Any:
-    from dsanet.config import from_dict
-    from dsanet.yamlio import load_yaml_file
-
-    return from_dict(load_yaml_file(path, ConfigError), str(path))
 
 
 def _stamp(path: Path) -> int:
