@@ -5,7 +5,8 @@ offered here too: this module is the one place to import metrics from.
 
 Metric keys returned by `evaluate_videos` (see `metric_keys`):
 - `auc`, `ap`: frame-level ROC-AUC / AP of σ(ℓ1) (DESIGN §5.2), the reported and selected numbers;
-- `map_iou10` … `map_iou50`: reference segment mAP in percent at IoU 0.1 … 0.5 (DESIGN §5.3);
+- `map_iou10` … `map_iou50`: reference segment mAP at IoU 0.1 … 0.5 (DESIGN §5.3), as a fraction
+  like the others: every key is in [0, 1] (the official code and `detection_map` print percent);
 - `map_avg`: their mean (the paper's "AVG");
 - `map_iou10_corrected` …, `map_avg_corrected`: the same with class 0 left out of the mean when no
   ground truth maps to it (UCF, Q-M2); equal to the reference values on XD.
@@ -119,7 +120,8 @@ def evaluate_videos(
     class_probs: Literal["hbm", "softmax"] = "hbm",
     iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
 ) -> dict[str, float]:
-    """Test metrics (keys: `metric_keys`) from per-video snippet logits ℓ1 (T_v, 1), ℓ2 (T_v, C).
+    """Test metrics (keys: `metric_keys`, all fractions in [0, 1]) from per-video snippet logits
+    ℓ1 (T_v, 1), ℓ2 (T_v, C).
 
     Class probabilities are the belief-modulated ones at `temperature` (β, DESIGN §5.1), or with
     `class_probs="softmax"` VadCLIP's plain softmax(ℓ2) (temperature unused). Arrays or tensors.
@@ -150,7 +152,8 @@ def evaluate_videos(
     )
     result = {AUC: auc, AP: ap}
     thresholds = per_class.iou_thresholds
-    for corrected, maps in ((False, per_class.reference_map()), (True, per_class.corrected_map())):
+    for corrected, percent in ((False, per_class.reference_map()), (True, per_class.corrected_map())):
+        maps = [value / 100 for value in percent]  # one unit for every key: fractions
         for t, value in zip(thresholds, maps, strict=True):
             result[map_key(t, corrected)] = value
         result[MAP_AVG_CORRECTED if corrected else MAP_AVG] = float(np.mean(maps))

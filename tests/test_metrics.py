@@ -264,9 +264,9 @@ def test_evaluate_videos_fixture(xd_fixture):
     assert tuple(result) == metrics.metric_keys(expected["iou"])
     assert result[metrics.AUC] == pytest.approx(expected["auc_det"], abs=1e-6)
     assert result[metrics.AP] == pytest.approx(expected["ap_det"], abs=1e-6)
-    maps = [result[metrics.map_key(t)] for t in expected["iou"]]
+    maps = [100 * result[metrics.map_key(t)] for t in expected["iou"]]  # fractions; fixture: %
     np.testing.assert_allclose(maps, expected["map"], rtol=0, atol=1e-5)  # tie order: see above
-    assert result[metrics.MAP_AVG] == pytest.approx(expected["map_avg"], abs=1e-5)
+    assert 100 * result[metrics.MAP_AVG] == pytest.approx(expected["map_avg"], abs=1e-5)
     assert result[metrics.MAP_AVG_CORRECTED] == result[metrics.MAP_AVG]  # XD scores class 0
 
 
@@ -440,7 +440,8 @@ def test_evaluate_videos_softmax_matches_parts():
     frames = [
         metrics.snippets_to_frames(torch.from_numpy(a).softmax(-1).numpy(), 16) for a in align
     ]
-    maps = metrics.detection_map(frames, segments, labels, spec.class_labels)
+    percent = metrics.detection_map(frames, segments, labels, spec.class_labels)
+    maps = [value / 100 for value in percent]  # evaluate_videos reports fractions
     assert (result[metrics.AUC], result[metrics.AP]) == (auc, ap)
     assert [result[metrics.map_key(t)] for t in metrics.DEFAULT_IOU_THRESHOLDS] == maps
     assert result[metrics.MAP_AVG] == pytest.approx(np.mean(maps))

@@ -130,20 +130,15 @@ def seed_summary(tests: list[Mapping[str, float]]) -> dict[str, float]:
 
 
 def format_table(tests: Mapping[int, Mapping[str, float]], summary: Mapping[str, float]) -> str:
-    """Per-seed test metrics and mean ± std (AUC and AP as fractions, mAP in percent)."""
+    """Per-seed test metrics and mean ± std (all fractions in [0, 1], mAP too)."""
     keys = [k for k in SUMMARY_METRICS if f"final_{k}_mean" in summary]
-    digits = {AUC: 4, AP: 4}
     lines = [
         f"Final stage: best config retrained on every training video, {len(tests)} seed(s), "
         "test set",
         f"{'seed':>10}" + "".join(f"{k:>20}" for k in keys),
     ]
     for seed, test in tests.items():
-        lines.append(f"{seed:>10}" + "".join(f"{test[k]:>20.{digits.get(k, 2)}f}" for k in keys))
-    cells = [
-        f"{summary[f'final_{k}_mean']:.{digits.get(k, 2)}f} ± "
-        f"{summary[f'final_{k}_std']:.{digits.get(k, 2)}f}"
-        for k in keys
-    ]
+        lines.append(f"{seed:>10}" + "".join(f"{test[k]:>20.4f}" for k in keys))
+    cells = [f"{summary[f'final_{k}_mean']:.4f} ± {summary[f'final_{k}_std']:.4f}" for k in keys]
     lines.append(f"{'mean ± std':>10}" + "".join(f"{c:>20}" for c in cells))
     return "\n".join(lines)
