@@ -112,6 +112,7 @@ class _Run:
     name: str  # the run's name, which shows its end (RUN_STATUS)
     epochs: int = 0  # epochs (or history records) logged
     status: str = "RUNNING"  # the dsanet status tag; NEW until its params are logged
+    state: str = "RUNNING"  # MLflow's status (an older view ended pruned runs KILLED)
 
 
 class MlflowView(Callback):
@@ -457,6 +458,7 @@ class MlflowView(Callback):
                         found_run.info.run_name,
                         int(tags.get(TAG_EPOCHS, 0)),
                         tags.get(TAG_STATUS, "RUNNING"),
+                        found_run.info.status,
                     )
             token = page.token
             if not token:
@@ -503,14 +505,14 @@ class MlflowView(Callback):
         if name != run.name:
             self.client.update_run(run.run_id, name=name)
             run.name = name
-        if status == run.status:
+        if (status, mlflow_status) == (run.status, run.state):
             return
         self.client.set_tag(run.run_id, TAG_STATUS, status)
         if status == "RUNNING":
             self.client.update_run(run.run_id, status="RUNNING")
         else:
             self.client.set_terminated(run.run_id, mlflow_status)
-        run.status = status
+        run.status, run.state = status, mlflow_status
 
     def _log_files(self, run: _Run, path: Path, dest: str | None) -> None:
         """`log_artifact(s)`; a checkpoint going to a local artifact folder on the same

@@ -163,6 +163,9 @@ def test_study_layout(mlflow_server, tmp_path):
     assert pruned.info.run_name == "trial-1 (pruned@1)"
     assert (failed.info.status, failed.data.tags["dsanet.status"]) == ("FAILED", "FAILED")
     assert failed.info.run_name == "trial-2 (failed)"
+    client.set_terminated(pruned.info.run_id, "KILLED")  # as views before this one ended it
+    MlflowView(root, spec, mlflow_server.uri).sync()
+    assert client.get_run(pruned.info.run_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(runs[2].info.run_id)} == {"config.yaml"}
     secrets = {v for k, v in os.environ.items() if len(v) > 8}
     for run in [parent, *runs.values()]:
