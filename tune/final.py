@@ -3,7 +3,9 @@ test each model once, and write mean ± std to `final/summary.json` (the MLflow 
 the study's parent run, and each seed as a nested run).
 
 Seeds run as Ray tasks with the space's per-trial resources when Ray is initialised, else one
-after another in this process. A seed whose `result.json` exists is not trained again.
+after another in this process. A seed whose `result.json` exists is not trained again. Each
+seed appends every epoch to its `reports.jsonl` as it trains, and the driver has the MLflow view
+write what the seeds did while it waits for them, so their runs show each epoch as it ends.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +28,12 @@ from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 from tune.layout import StudyFolder
 from tune.space import SpaceSpec
 from tune.tracking import MlflowView
-from tune.trainable import drop_random_weights_repeat, worker_logging
+from tune.trainable import append_report, drop_random_weights_repeat, worker_logging
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = (AUC, AP, MAP_AVG, MAP_AVG_CORRECTED)
+WATCH_S = 5.0  # how often the driver has the view write the seeds' progress to MLflow
 
 
 def final_configs(
@@ -64,7 +68,7 @@ def run_final_stage(
     over seeds) goes to `final/summary.json`, the test plots of the first seed to
     `report/best/`, and MLflow shows them."""
     configs = final_configs(best_config, study_dir, seeds)
-    results = train_seeds(configs, spec)
+    results = train_seeds(configs, spec, view)
     summary = seed_summary([results[s]["test"] for s in configs])
     path, text = StudyFolder(study_dir).final_summary, json.dumps(summary, indent=1)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
@@ -79,23 +83,47 @@ def run_final_stage(
     return summary
 
 
-def train_seeds(configs: Mapping[int, ExperimentConfig], spec: SpaceSpec) -> dict[int, dict]:
-    """Fit every seed that has no result.json yet; return each seed's result.json."""
-    todo = [c for c in configs.values() if not (Path(c.train.out_dir) / RESULT).is_file()]
-    for seed, cfg in configs.items():
-        if cfg not in todo:
-            log.info("final stage: seed %d already trained (%s), not retrained", seed, RESULT)
+def train_seeds(
+    configs: Mapping[int, ExperimentConfig], spec: SpaceSpec, view: MlflowView
+) -> dict[int, dict]:
+    """Fit every seed that has no result.json yet; return each seed's result.json.
+
+    Every seed runs to its end even when another fails: the view marks a failed seed FAILED,
+    and the first failure is raised once all have ended."""
+    todo = {s: c for s, c in configs.items() if not (Path(c.train.out_dir) / RESULT).is_file()}
+    for seed in configs.keys() - todo.keys():
+        log.info("final stage: seed %d already trained (%s), not retrained", seed, RESULT)
     ray = sys.modules.get("ray")  # not imported means not initialised
+    failures: list[BaseException] = []
     if todo and ray is not None and ray.is_initialized():
         task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(_fit_in_worker)
-        ray.get([task.remote(cfg) for cfg in todo])
+        running = {task.remote(cfg): seed for seed, cfg in todo.items()}
+        while running:
+            ended, _ = ray.wait(list(running), timeout=WATCH_S)
+            for ref in ended:
+                seed = running.pop(ref)
+                _settle(seed, lambda ref=ref: ray.get(ref), view, failures)
+            view.sync_seeds()
     else:
-        for cfg in todo:
-            fit_seed(cfg)
+        for seed, cfg in todo.items():
+            _settle(seed, lambda cfg=cfg: fit_seed(cfg, view.sync_seeds), view, failures)
+            view.sync_seeds()
+    if failures:
+        raise failures[0]
     return {
         seed: json.loads((Path(cfg.train.out_dir) / RESULT).read_text())
         for seed, cfg in configs.items()
     }
+
+
+def _settle(seed: int, outcome: Callable[[], Any], view: MlflowView, failures: list) -> None:
+    """Wait for one seed's `outcome`; a failure is told to the view and kept in `failures`."""
+    try:
+        outcome()
+    except Exception as exc:  # the seed's error (a Ray task's is re-raised by ray.get)
+        log.error("final stage: seed %d failed: %s", seed, exc)
+        view.seed_failed(seed, f"{type(exc).__name__}: {exc}")
+        failures.append(exc)
 
 
 def _fit_in_worker(cfg: ExperimentConfig) -> str:
@@ -104,14 +132,22 @@ def _fit_in_worker(cfg: ExperimentConfig) -> str:
     return fit_seed(cfg)
 
 
-def fit_seed(cfg: ExperimentConfig) -> str:
+def fit_seed(cfg: ExperimentConfig, after_epoch: Callable[[], Any] | None = None) -> str:
     """One retrain (a Ray task or a plain call); resumes from its last.pt if interrupted.
 
+    Each epoch goes to the seed's reports.jsonl as it ends, then `after_epoch` is called.
     Once its result.json is written the seed is never trained again, so last.pt (optimiser
     state included, 3.5x the weights) goes; best.pt holds the last epoch's weights.
     """
+
+    def report(record: dict[str, float], out_dir: Path) -> bool:
+        append_report(out_dir, record)
+        if after_epoch is not None:
+            after_epoch()
+        return False  # the final stage trains every epoch
+
     log.info("final stage: training seed %d in %s", cfg.train.seed, cfg.train.out_dir)
-    out = fit(cfg).out_dir
+    out = fit(cfg, report).out_dir
     if (out / RESULT).is_file() and (out / BEST).is_file():
         (out / CHECKPOINT).unlink(missing_ok=True)
     return str(out)

@@ -136,17 +136,21 @@ def epoch_records(trial: optuna.trial.FrozenTrial) -> dict[int, dict[str, Any]]:
     return {int(step): entry for step, entry in trial.user_attrs.get(EPOCHS_ATTR, {}).items()}
 
 
-def selected_values(epochs: Mapping[int, Mapping[str, Any]]) -> list[float]:
-    """Objective values at the epoch the trainer keeps: the first best of its selection metric.
+def kept_step(epochs: Mapping[int, Mapping[str, Any]]) -> int:
+    """The epochs done at the epoch the trainer keeps: the first best of its selection metric.
 
-    Without a finite selection metric (e.g. a loss-only protocol) the last epoch's values.
+    Without a finite selection metric (e.g. a loss-only protocol) the last epoch.
     """
     steps = sorted(epochs)
     finite = [s for s in steps if _finite(epochs[s].get("select"))]
     if not finite:
-        return list(epochs[steps[-1]]["values"])
-    best = max(finite, key=lambda s: (epochs[s]["select"], -s))  # ties: the earliest, as fit()
-    return list(epochs[best]["values"])
+        return steps[-1]
+    return max(finite, key=lambda s: (epochs[s]["select"], -s))  # ties: the earliest, as fit()
+
+
+def selected_values(epochs: Mapping[int, Mapping[str, Any]]) -> list[float]:
+    """Objective values at the epoch the trainer keeps (`kept_step`): Optuna's trial values."""
+    return list(epochs[kept_step(epochs)]["values"])
 
 
 class OptunaSearcher(Searcher):

@@ -4,8 +4,10 @@ The study folder is the record; MLflow only shows it. `MlflowView.sync` writes w
 holds and MLflow lacks, and nothing else:
 - a trial's run from its Optuna trial (state, parameters, which epochs were accepted) and its
   `trials/<ray id>/reports.jsonl` (everything the trainer measured in each epoch);
-- a final seed's run from `final/seed_<n>/result.json`;
-- the parent run from the space, `final/summary.json` and the files under `report/`.
+- a final seed's run from `final/seed_<n>/`: its `config.yaml` once it starts, each epoch from
+  its `reports.jsonl` as it trains, its `result.json` when done;
+- the parent run from the space, the Optuna study's best trial, `final/summary.json` and the
+  files under `report/`.
 
 Runs are found by tags (the study's id and a run key), never by a saved map of run ids, and
 every metric carries the time its epoch was reported, so writing it again changes nothing. The
@@ -28,6 +30,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,8 @@ from tune.layout import (
     read_config,
 )
 from tune.plan import PROTOCOL_NOTES
-from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records
+from tune.report import best_trial, objective_names
+from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records, kept_step
 from tune.space import SpaceSpec, trial_config
 
 __all__ = ["PARENT", "RUN_STATUS", "MlflowView", "TrackingUnavailable"]
@@ -65,15 +69,22 @@ log = logging.getLogger(__name__)
 PARENT = "study"  # run key of the parent run; trials are "trial/<optuna number>"
 TAG_KEY, TAG_STUDY = "dsanet.run_key", "dsanet.study"  # what finds a run
 TAG_STATUS, TAG_STAGE, TAG_EPOCHS = "dsanet.status", "dsanet.stage", "dsanet.epochs"
-TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
-# dsanet status -> MLflow run status (MLflow has no PRUNED: KILLED plus the dsanet.status tag)
+TAG_PARENT, TAG_NOTE = "mlflow.parentRunId", "mlflow.note.content"  # MLflow's own tags
+TAG_BEST_TRIAL, TAG_BEST_RUN = "dsanet.best_trial", "dsanet.best_run_id"  # on the parent
+# MLflow 3's UI opens an experiment of this kind in its model-training view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# dsanet status -> (MLflow run status, what the run's name adds). MLflow has four end states
+# and its runs table draws FAILED and KILLED with the same red icon, so the name tells them
+# apart: a pruned trial did its job (ASHA stopped a poor config by design) and is FINISHED, its
+# name saying after how many epochs; an error is FAILED; a trial or seed left running when the
+# driver ended is KILLED and becomes RUNNING again when a resumed driver carries it on.
 RUN_STATUS = {
-    "RUNNING": "RUNNING",
-    "FINISHED": "FINISHED",
-    "PRUNED": "KILLED",
-    "INTERRUPTED": "KILLED",
-    "KILLED": "KILLED",
-    "FAILED": "FAILED",
+    "RUNNING": ("RUNNING", ""),
+    "FINISHED": ("FINISHED", ""),
+    "PRUNED": ("FINISHED", " (pruned@{epochs})"),
+    "INTERRUPTED": ("KILLED", " (interrupted)"),
+    "KILLED": ("KILLED", ""),
+    "FAILED": ("FAILED", " (failed)"),
 }
 _TRIAL_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "PRUNED"}
 _TRIAL_STATUS[TrialState.FAIL] = "FAILED"
@@ -98,8 +109,10 @@ class _Run:
     """What MLflow holds of one run, as far as the view needs it."""
 
     run_id: str
+    name: str  # the run's name, which shows its end (RUN_STATUS)
     epochs: int = 0  # epochs (or history records) logged
     status: str = "RUNNING"  # the dsanet status tag; NEW until its params are logged
+    state: str = "RUNNING"  # MLflow's status (an older view ended pruned runs KILLED)
 
 
 class MlflowView(Callback):
@@ -120,7 +133,8 @@ class MlflowView(Callback):
         self._study, self.study_id, self.experiment_id = -1, "", ""
         self._runs: dict[str, _Run] = {}  # run key -> its run, once read or created
         self._dirty: set[str] = set()  # run keys to sync
-        self._errors: dict[str, str] = {}  # run key -> the trial's error line (from Ray)
+        self._errors: dict[str, str] = {}  # run key -> its error line (trials: from Ray)
+        self._git: dict[str, str] = {}  # the parent's git tags, read once
         self._ended = ""  # the parent's final status, once the driver ends
         self._outage_since: float | None = None
         self._warned = 0.0
@@ -174,6 +188,15 @@ class MlflowView(Callback):
         self._dirty.update(self._all_keys())
         return self.drain(wait_s)
 
+    def sync_seeds(self) -> bool:
+        """Write what the final stage's seeds did since the last call (while they train)."""
+        self._dirty.update(self._seed_keys())
+        return self.drain()
+
+    def seed_failed(self, seed: int, error: str) -> None:
+        """Record that the final stage's `seed` failed: its run ends FAILED at the next sync."""
+        self._errors[f"final/seed_{seed}"] = error.strip().splitlines()[-1][:500] if error else ""
+
     def drain(self, wait_s: float = 0.0) -> bool:
         """Sync the runs marked as changed, retrying for up to `wait_s`; True if none remain."""
         deadline, pause = time.monotonic() + wait_s, 1.0
@@ -194,6 +217,7 @@ class MlflowView(Callback):
         self._touched(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._dirty.add(PARENT)  # the study's best trial may have changed
         self._touched(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -220,8 +244,14 @@ class MlflowView(Callback):
             for t in self._storage.get_all_trials(self._study, deepcopy=False)
             if RAY_TRIAL_ATTR in t.user_attrs  # asked by Ray; not a point waiting in the queue
         ]
-        final = sorted(self.folder.final_dir.glob(f"seed_*/{RESULT_FILE}"))
-        return [PARENT, *trials, *(f"final/{p.parent.name}" for p in final)]
+        return [PARENT, *trials, *self._seed_keys()]
+
+    def _seed_keys(self) -> list[str]:
+        """Final seeds that started (a config.yaml), finished (a result.json) or failed."""
+        files = [*self.folder.final_dir.glob(f"seed_*/{RUN_CONFIG}")]
+        files += self.folder.final_dir.glob(f"seed_*/{RESULT_FILE}")
+        failed = {k for k in self._errors if k.startswith("final/")}
+        return sorted({f"final/{p.parent.name}" for p in files} | failed)
 
     def _sync_dirty(self) -> bool:
         """One pass over the changed runs, parent first; False when MLflow stopped answering."""
@@ -266,28 +296,65 @@ class MlflowView(Callback):
             log.warning("MLflow: run %s could not be written: %s", key, exc)
 
     def _sync_parent(self) -> None:
-        protocol = self.spec.base.data.protocol
+        self._git = self._git or _git_tags(Path(__file__).resolve().parents[1])
         tags = {
             "dsanet.role": "study",
             TAG_STAGE: "search",
             "dsanet.space": self.spec.name,
-            "dsanet.protocol": protocol,
-            "mlflow.note.content": f"Study {self.spec.name}, data.protocol={protocol}: "
-            f"{PROTOCOL_NOTES[protocol]}.",
+            "dsanet.protocol": self.spec.base.data.protocol,
             "dsanet.study_dir": str(self.root),
-            **_git_tags(Path(__file__).resolve().parents[1]),
+            **self._git,
         }
-        run = self._run(PARENT, f"study-{self.root.name}", lambda: _parent_params(self.spec), tags)
-        summary = self.folder.final_summary
-        if summary.is_file():
-            values = json.loads(summary.read_text())
-            stamp = _stamp(summary)
-            self._log(run, [Metric(k, v, stamp, 0) for k, v in values.items()], {})
+        run = self._run(PARENT, lambda: _parent_params(self.spec), tags)
+        summary_file, summary = self.folder.final_summary, {}
+        metrics = []
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            metrics = [Metric(k, v, _stamp(summary_file), 0) for k, v in summary.items()]
+        best_metrics, best_tags = self._winner(summary)
+        self._log(run, metrics + best_metrics, best_tags)
         for name in REPORT_PARTS:  # report/<part>/ -> the parent's <part>/
             folder = self.folder.report_dir(name)
             if folder.is_dir():
                 self._log_files(run, folder, name)
-        self._set_status(run, self._ended or "RUNNING")
+        self._set_status(run, self._ended or "RUNNING", PARENT)
+
+    def _winner(self, summary: Mapping[str, float]) -> tuple[list[Metric], dict[str, str]]:
+        """The parent's account of the study and its best trial (`tune.report.best_trial`):
+        tags naming the trial and its run, a note, and metrics `best_<objective>` and
+        `best_epoch` (0-based, as the trainer counts epochs).
+
+        The winner changes while the study runs; the metrics are logged at step = the winner's
+        place among complete trials in order of completion and with its completion time, so a
+        new winner (which completed later) is the latest value MLflow shows, each winner is
+        one point of a best-so-far curve, and syncing again writes nothing new."""
+        study = optuna.load_study(study_name=self.spec.name, storage=self._storage)
+        trials = study.get_trials(deepcopy=False)
+        count = Counter(t.state for t in trials)
+        protocol = self.spec.base.data.protocol
+        note = (
+            f"Study {self.spec.name}: {len(trials)} trials ({count[TrialState.COMPLETE]} "
+            f"complete, {count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed, "
+            f"{count[TrialState.RUNNING]} running or interrupted); data.protocol={protocol}: "
+            f"{PROTOCOL_NOTES[protocol]}."
+        )
+        best = best_trial(study)
+        if best is None:
+            return [], {TAG_NOTE: note + " No trial has completed yet."}
+        if f"trial/{best.number}" not in self._runs:
+            self._sync_trial(best.number)
+        run, kept = self._runs[f"trial/{best.number}"], kept_step(epoch_records(best)) - 1
+        stamp = int(best.datetime_complete.timestamp() * 1000)
+        done = [t.datetime_complete for t in trials if t.state == TrialState.COMPLETE]
+        place = sum(when <= best.datetime_complete for when in done)
+        values = dict(zip(objective_names(study, self.spec), best.values, strict=False))
+        metrics = [Metric(f"best_{k}", v, stamp, place) for k, v in values.items()]
+        metrics.append(Metric("best_epoch", kept, stamp, place))
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
+        note += f" Best: trial {best.number} (run {run.name}), {shown} at epoch {kept}."
+        note += _final_note(summary)
+        tags = {TAG_BEST_TRIAL: str(best.number), TAG_BEST_RUN: run.run_id, TAG_NOTE: note}
+        return metrics, tags
 
     def _sync_trial(self, number: int) -> None:
         trial = self._frozen(number)
@@ -295,50 +362,68 @@ class MlflowView(Callback):
         tags = {TAG_STAGE: "search", "dsanet.optuna_trial": str(number)}
         folder = self.folder.trial_dir(ray_id)
         params = lambda: self._params(trial, folder)  # noqa: E731  (only built for a new run)
-        run = self._run(f"trial/{number}", f"trial-{number}", params, tags)
+        key = f"trial/{number}"
+        run = self._run(key, params, tags)
         epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
+        records = epoch_records(trial)
         metrics = [
             Metric(name, value, stamp, epoch)
             for epoch, stamp, values in epochs[run.epochs :]
-            for name, value in values.items()
+            for name, value in {**values, **self._kept(records, epoch + 1, values)}.items()
         ]
         tags = {"dsanet.trial_id": ray_id, TAG_EPOCHS: str(len(epochs))}
-        if f"trial/{number}" in self._errors:
-            tags["dsanet.error"] = self._errors[f"trial/{number}"]
-        self._log(run, metrics, tags)
+        self._log(run, metrics, tags | _error_tag(self._errors.get(key)))
         run.epochs = len(epochs)
-        status = _TRIAL_STATUS.get(trial.state, "INTERRUPTED" if self._ended else "RUNNING")
-        if status != run.status and status != "RUNNING":
-            names = (RUN_CONFIG,) if status == "FAILED" else (STATE_FILES[1], RUN_CONFIG)
-            for name in names:
-                if (folder / name).is_file():
-                    self._log_files(run, folder / name, None)
-        self._set_status(run, status)
+        self._end(run, key, folder, _TRIAL_STATUS.get(trial.state) or self._unfinished(key))
+
+    def _kept(
+        self, records: Mapping[int, Mapping[str, Any]], done: int, logged: Mapping[str, float]
+    ) -> dict[str, float]:
+        """After `done` epochs: `kept_epoch` (0-based, the epoch whose values Optuna records
+        as the trial's, `tune.searcher.kept_step`) and `best_<objective>`, its values, unless
+        the trainer reports that name itself (`best_<selection metric>`)."""
+        upto = {step: entry for step, entry in records.items() if step <= done}
+        kept = kept_step(upto)
+        values = zip(self.spec.metric, upto[kept]["values"], strict=False)
+        best = {f"best_{k}": v for k, v in values if f"best_{k}" not in logged}
+        return {"kept_epoch": kept - 1, **best}
 
     def _sync_seed(self, seed: int) -> None:
-        folder = self.folder.seed_dir(seed)
-        result_file = folder / RESULT_FILE
-        result, stamp = json.loads(result_file.read_text()), _stamp(result_file)
+        """A seed's run, from when its `config.yaml` exists; each epoch of its `reports.jsonl`
+        as it trains; when `result.json` exists, the rest of `_seed_rows` and its files."""
+        key, folder = f"final/seed_{seed}", self.folder.seed_dir(seed)
         cfg_file = folder / RUN_CONFIG
         tags = {TAG_STAGE: "final", "dsanet.seed": str(seed)}
         params = (lambda: flatten(read_config(cfg_file))) if cfg_file.is_file() else dict
-        run = self._run(f"final/seed_{seed}", f"final-seed-{seed}", params, tags)
+        run = self._run(key, params, tags)
         if run.status == "FINISHED":
             return
-        history = result.get("history", [])
+        rows, done = _seed_rows(folder), (folder / RESULT_FILE).is_file()
         metrics = [
-            Metric(k, v, stamp, int(record["epoch"]))
-            for record in history
-            for k, v in record.items()
-            if k != "epoch" and _is_number(v)
+            Metric(name, value, stamp, epoch)
+            for epoch, stamp, values in (rows if done else rows[run.epochs :])
+            for name, value in values.items()
+            if name != "epoch" and _is_number(value)
         ]
-        tests = result.get("test", {}).items()
-        metrics += [Metric(f"test_{k}", v, stamp, 0) for k, v in tests if _is_number(v)]
-        self._log(run, metrics, {TAG_EPOCHS: str(len(history))})
-        for name in (RUN_CONFIG, RESULT_FILE, STATE_FILES[1]):
-            if (folder / name).is_file():
-                self._log_files(run, folder / name, None)
-        self._set_status(run, "FINISHED")
+        tags = {TAG_EPOCHS: str(len(rows))} | _error_tag(self._errors.get(key))
+        self._log(run, metrics, tags)
+        run.epochs = len(rows)
+        self._end(run, key, folder, "FINISHED" if done else self._unfinished(key))
+
+    def _unfinished(self, key: str) -> str:
+        """The status of a trial or seed that has not ended well (yet)."""
+        if key in self._errors:
+            return "FAILED"
+        return "INTERRUPTED" if self._ended else "RUNNING"
+
+    def _end(self, run: _Run, key: str, folder: Path, status: str) -> None:
+        """Set the run's status; the files of `folder` go with the first end status."""
+        if status != run.status and status != "RUNNING":
+            kept = (RUN_CONFIG, RESULT_FILE, STATE_FILES[1])
+            for name in kept[:1] if status == "FAILED" else kept:
+                if (folder / name).is_file():
+                    self._log_files(run, folder / name, None)
+        self._set_status(run, status, key)
 
     # ------------------------------------------------------------------ MLflow
     def _open_stores(self) -> None:
@@ -350,14 +435,18 @@ class MlflowView(Callback):
         self._study = self._storage.get_study_id_from_name(self.spec.name)
         self.study_id = str(self._storage.get_study_user_attrs(self._study)[STUDY_ID_ATTR])
         name = self.spec.mlflow.experiment or self.spec.name
-        found = self.client.get_experiment_by_name(name)
+        found, (kind, value) = self.client.get_experiment_by_name(name), EXPERIMENT_KIND
         if found is None:
-            self.experiment_id = self.client.create_experiment(name, _artifact_location(self.uri))
+            self.experiment_id = self.client.create_experiment(
+                name, _artifact_location(self.uri), tags={kind: value}
+            )
         else:
             self.experiment_id = found.experiment_id
             if found.lifecycle_stage == "deleted":
                 log.warning("MLflow: experiment %r was deleted; restoring it", name)
                 self.client.restore_experiment(self.experiment_id)
+            if kind not in found.tags:  # a kind the user chose stays
+                self.client.set_experiment_tag(self.experiment_id, kind, value)
         query, token = f"tags.`{TAG_STUDY}` = '{self.study_id}'", None
         while True:
             page = self.client.search_runs([self.experiment_id], query, page_token=token)
@@ -366,15 +455,17 @@ class MlflowView(Callback):
                 if TAG_KEY in tags:
                     self._runs[tags[TAG_KEY]] = _Run(
                         found_run.info.run_id,
+                        found_run.info.run_name,
                         int(tags.get(TAG_EPOCHS, 0)),
                         tags.get(TAG_STATUS, "RUNNING"),
+                        found_run.info.status,
                     )
             token = page.token
             if not token:
                 break
         self._dirty.update(self._all_keys())  # a driver's first look: anything may be missing
 
-    def _run(self, key: str, name: str, params: Any, tags: Mapping[str, str]) -> _Run:
+    def _run(self, key: str, params: Any, tags: Mapping[str, str]) -> _Run:
         """The run of `key`, created (nested under the parent) if MLflow has none. It is
         created with its identifying tags and status NEW until its params are logged, so a
         kill in between leaves a run that is found, and completed, by the next sync."""
@@ -383,8 +474,9 @@ class MlflowView(Callback):
             tags = {**tags, TAG_KEY: key, TAG_STUDY: self.study_id, TAG_STATUS: "NEW"}
             if key != PARENT:
                 tags[TAG_PARENT] = self._runs[PARENT].run_id
+            name = self._name(key)
             created = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-            run = self._runs[key] = _Run(created.info.run_id, status="NEW")
+            run = self._runs[key] = _Run(created.info.run_id, name, status="NEW")
         if run.status == "NEW":  # logging the same params again is allowed
             pairs = [Param(k, str(v)[:6000]) for k, v in params().items()]
             for i in range(0, len(pairs), _BATCH):
@@ -398,15 +490,29 @@ class MlflowView(Callback):
                 run.run_id, metrics[i : i + _BATCH], tags=tag_list[i : i + _BATCH]
             )
 
-    def _set_status(self, run: _Run, status: str) -> None:
-        if status == run.status:
+    def _name(self, key: str) -> str:
+        """A run's name before RUN_STATUS adds its end: study-<folder>, trial-<n>,
+        final-seed-<n>."""
+        if key == PARENT:
+            return f"study-{self.root.name}"
+        return key.replace("/seed_", "-seed-").replace("/", "-")
+
+    def _set_status(self, run: _Run, status: str, key: str) -> None:
+        """MLflow status, `dsanet.status` tag and name of `status` (RUN_STATUS), each
+        written only when it differs from what MLflow holds."""
+        mlflow_status, suffix = RUN_STATUS[status]
+        name = self._name(key) + suffix.format(epochs=run.epochs)
+        if name != run.name:
+            self.client.update_run(run.run_id, name=name)
+            run.name = name
+        if (status, mlflow_status) == (run.status, run.state):
             return
         self.client.set_tag(run.run_id, TAG_STATUS, status)
         if status == "RUNNING":
             self.client.update_run(run.run_id, status="RUNNING")
         else:
-            self.client.set_terminated(run.run_id, RUN_STATUS[status])
-        run.status = status
+            self.client.set_terminated(run.run_id, mlflow_status)
+        run.status, run.state = status, mlflow_status
 
     def _log_files(self, run: _Run, path: Path, dest: str | None) -> None:
         """`log_artifact(s)`; a checkpoint going to a local artifact folder on the same
@@ -476,26 +582,50 @@ def accepted_epochs(
     recorded with the epoch; a record without a time keeps the epoch's last line; an epoch
     without a line keeps the objective values Optuna holds.
     """
-    lines: dict[tuple[int, float], dict] = {}
-    last: dict[int, dict] = {}
-    if reports.is_file():
-        for text in reports.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                line = json.loads(text)
-                lines[(int(line["epoch"]), float(line["time"]))] = line
-                last[int(line["epoch"])] = line
+    lines = {(line["epoch"], line["time"]): line for line in report_lines(reports)}
+    last = {line["epoch"]: line for line in report_lines(reports)}
     out = []
     for step, entry in sorted(epoch_records(trial).items()):
         epoch = step - 1
         line = lines.get((epoch, entry.get("time", math.nan))) or last.get(epoch)
-        if line and isinstance(line.get("metrics"), dict):
+        if line:
             values = {k: v for k, v in line["metrics"].items() if k != "epoch"}
-            stamp = int(float(line["time"]) * 1000)
+            stamp = int(line["time"] * 1000)
         else:
             values = dict(zip(objectives, entry["values"], strict=False))
             stamp = int(trial.datetime_start.timestamp() * 1000) + step
         out.append((epoch, stamp, {k: v for k, v in values.items() if _is_number(v)}))
     return out
+
+
+def report_lines(path: Path) -> list[dict[str, Any]]:
+    """The lines of a `reports.jsonl` (`tune.trainable.append_report`) with an int `epoch`, a
+    float `time` and a dict of `metrics`, in the order written; damaged lines are skipped."""
+    lines = []
+    if path.is_file():
+        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                line = json.loads(text)
+                line.update(epoch=int(line["epoch"]), time=float(line["time"]))
+                if isinstance(line["metrics"], dict):
+                    lines.append(line)
+    return lines
+
+
+def _seed_rows(folder: Path) -> list[tuple[int, int, dict[str, Any]]]:
+    """(epoch, time in ms, numbers) of a final seed: one row per line of its reports; once its
+    result.json exists, also the epochs of its history the reports lack (a kill between the
+    checkpoint and the line; a seed trained before seeds wrote reports) and its test metrics
+    at step 0, stamped with the file's time."""
+    lines = {line["epoch"]: line for line in report_lines(folder / REPORTS_FILE)}
+    rows = [(e, int(line["time"] * 1000), line["metrics"]) for e, line in sorted(lines.items())]
+    result_file = folder / RESULT_FILE
+    if result_file.is_file():
+        result, stamp = json.loads(result_file.read_text()), _stamp(result_file)
+        history = result.get("history", [])
+        rows += [(int(r["epoch"]), stamp, r) for r in history if int(r["epoch"]) not in lines]
+        rows.append((0, stamp, {f"test_{k}": v for k, v in result.get("test", {}).items()}))
+    return rows
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -576,6 +706,22 @@ def _error_line(trial: Any) -> str:
         lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line]
         return lines[-1][:500] if lines else ""
     return ""
+
+
+def _final_note(summary: Mapping[str, float]) -> str:
+    """The final stage's mean ± std of each metric, as a sentence ("" before it ran)."""
+    names = [k.removesuffix("_mean") for k in summary if k.endswith("_mean")]
+    cells = ", ".join(
+        f"{k.removeprefix('final_')} {summary[f'{k}_mean']:.4f} ± "
+        f"{summary.get(f'{k}_std', math.nan):.4f}"
+        for k in names
+    )
+    return f" Final stage, test mean ± std over seeds: {cells}." if names else ""
+
+
+def _error_tag(error: str | None) -> dict[str, str]:
+    """The `dsanet.error` tag of a run that failed with `error` (none for None)."""
+    return {} if error is None else {"dsanet.error": error}
 
 
 def _stamp(path: Path) -> int:

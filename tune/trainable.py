@@ -122,23 +122,30 @@ class _Reporter:
         self.start = {"resumed_at": resumed_at, "entered": entered}
 
     def __call__(self, record: dict[str, float], out_dir: Path) -> bool:
-        epoch, now = int(record["epoch"]), time.time()
+        epoch, now = int(record["epoch"]), append_report(self.out_dir, record, self.start)
         metrics = {**record, "epoch": epoch, **self.extras, REPORTED_KEY: now}
-        line = {
-            "epoch": epoch,
-            "pid": os.getpid(),
-            "time": now,
-            "seconds": record["seconds"],
-            "resumed_at": -1,
-            **self.start,
-            "metrics": record,
-        }
-        with open(self.out_dir / REPORTS_FILE, "a") as log_file:
-            log_file.write(json.dumps(line) + "\n")
         self.start = {}  # only the first report after a (re)start carries it
         stage = _stage(out_dir, epochs_done=epoch + 1)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
         return False  # the scheduler stops trials; fit runs to train.epochs otherwise
+
+
+def append_report(out_dir: Path, record: dict[str, float], marks: dict | None = None) -> float:
+    """Append one epoch's line to `out_dir/reports.jsonl` (a trial's or a final seed's: the
+    MLflow view logs it, stamped with its time); return that time."""
+    now = time.time()
+    line = {
+        "epoch": int(record["epoch"]),
+        "pid": os.getpid(),
+        "time": now,
+        "seconds": record["seconds"],
+        "resumed_at": -1,
+        **(marks or {}),
+        "metrics": record,
+    }
+    with open(out_dir / REPORTS_FILE, "a") as log_file:
+        log_file.write(json.dumps(line) + "\n")
+    return now
 
 
 class SlimFinishedCheckpoints(Callback):

@@ -23,6 +23,7 @@ from ray.tune.experiment import Trial
 from dsanet.config import field_names
 from tune.searcher import OPTUNA_KEY, REPORTED_KEY, OptunaSearcher, open_study
 from tune.tracking import MlflowView, TrackingUnavailable
+from tune.trainable import append_report
 
 
 class FakeSearch:
@@ -44,13 +45,16 @@ class FakeSearch:
             self.view.on_trial_start(0, [], trial)
         return trial
 
-    def epochs(self, ray_id: str, epochs: range) -> None:
-        """The trainable reports each epoch: a line in reports.jsonl, then the result to Ray."""
+    def epochs(self, ray_id: str, epochs: range, curve: list[float] | None = None) -> None:
+        """The trainable reports each epoch: a line in reports.jsonl, then the result to Ray.
+        val_ap is 0.5 + epoch / 10, or `curve[epoch]`; the trainer selects on it, reporting
+        best_val_ap (the best so far)."""
         folder = self.root / "trials" / ray_id
         for epoch in epochs:
             now = time.time()
-            metrics = {"epoch": epoch, "val_ap": 0.5 + epoch / 10, "loss_total": 1 / (epoch + 1)}
-            metrics["best_val_ap"] = metrics["val_ap"]
+            ap = curve or [0.5 + e / 10 for e in range(epoch + 1)]
+            metrics = {"epoch": epoch, "val_ap": ap[epoch], "loss_total": 1 / (epoch + 1)}
+            metrics["best_val_ap"] = max(ap[: epoch + 1])
             line = {"epoch": epoch, "pid": 4242, "time": now, "metrics": metrics}
             with open(folder / "reports.jsonl", "a") as handle:
                 handle.write(json.dumps(line) + "\n")
@@ -80,7 +84,13 @@ def runs_of(client: MlflowClient, experiment: str) -> tuple[list, dict]:
 
 
 def steps(client: MlflowClient, run, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+    return sorted(m.step for m in history(client, run, key))
+
+
+def history(client: MlflowClient, run, key: str) -> list:
+    """A metric's points by step, then time."""
+    points = client.get_metric_history(run.info.run_id, key)
+    return sorted(points, key=lambda m: (m.step, m.timestamp))
 
 
 def test_study_layout(mlflow_server, tmp_path):
@@ -109,12 +119,21 @@ def test_study_layout(mlflow_server, tmp_path):
     assert [p.info.run_id for p in parents] == [parent_id]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["study.metric"] == "val_ap"
     assert parent.data.params["scheduler.max_t"] == "2"
     assert parent.data.params["study.max_failures"] == "2"
     assert "search.optim.lr" in parent.data.params
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
-    assert parent.data.metrics == summary
+    # The winner: trial 0, kept epoch 1 (0-based) with val_ap 0.6; the final stage's numbers.
+    assert parent.data.metrics == {**summary, "best_val_ap": 0.6, "best_epoch": 1}
+    assert parent.data.tags["dsanet.best_trial"] == "0"
+    assert parent.data.tags["dsanet.best_run_id"] == runs[0].info.run_id
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Study tiny: 3 trials (1 complete, 1 pruned, 1 failed, 0 running" in note
+    assert "Best: trial 0 (run trial-0), val_ap=0.6000 at epoch 1." in note
+    assert "Final stage, test mean ± std over seeds: auc 0.7500 ± 0.0100." in note
     space = {a.path for a in client.list_artifacts(parent_id, "space")}
     assert space == {"space/space.yaml", "space/base_config.yaml"}
 
@@ -129,13 +148,24 @@ def test_study_layout(mlflow_server, tmp_path):
     assert finished.data.params["train.out_dir"] == str((root / "trials" / "done1").resolve())
     assert steps(client, finished, "val_ap") == [0, 1]
     assert steps(client, finished, "loss_total") == [0, 1]
-    assert set(finished.data.metrics) == {"val_ap", "loss_total", "best_val_ap"}
+    # best_val_ap is the trainer's own (its selection metric): not logged twice
+    assert set(finished.data.metrics) == {"val_ap", "loss_total", "best_val_ap", "kept_epoch"}
+    assert len(client.get_metric_history(finished.info.run_id, "best_val_ap")) == 2
+    assert [(m.step, m.value) for m in history(client, finished, "kept_epoch")] == [(0, 0), (1, 1)]
     assert finished.data.tags["dsanet.optuna_trial"] == "0"
     assert (finished.info.status, finished.data.tags["dsanet.status"]) == ("FINISHED", "FINISHED")
     artifacts = {a.path for a in client.list_artifacts(finished.info.run_id)}
     assert artifacts == {"best.pt", "config.yaml"}
-    assert (runs[1].info.status, runs[1].data.tags["dsanet.status"]) == ("KILLED", "PRUNED")
-    assert (runs[2].info.status, runs[2].data.tags["dsanet.status"]) == ("FAILED", "FAILED")
+    # Status and name tell complete, pruned and failed apart (RUN_STATUS).
+    assert finished.info.run_name == "trial-0"
+    pruned, failed = runs[1], runs[2]
+    assert (pruned.info.status, pruned.data.tags["dsanet.status"]) == ("FINISHED", "PRUNED")
+    assert pruned.info.run_name == "trial-1 (pruned@1)"
+    assert (failed.info.status, failed.data.tags["dsanet.status"]) == ("FAILED", "FAILED")
+    assert failed.info.run_name == "trial-2 (failed)"
+    client.set_terminated(pruned.info.run_id, "KILLED")  # as views before this one ended it
+    MlflowView(root, spec, mlflow_server.uri).sync()
+    assert client.get_run(pruned.info.run_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(runs[2].info.run_id)} == {"config.yaml"}
     secrets = {v for k, v in os.environ.items() if len(v) > 8}
     for run in [parent, *runs.values()]:
@@ -197,6 +227,151 @@ def test_a_killed_driver_is_caught_up_once_without_duplicates(mlflow_server, tmp
         for key in ("val_ap", "loss_total"):
             assert steps(client, run, key) == [0, 1], (run.data.tags["dsanet.trial_id"], key)
     assert parents[0].info.status == "FINISHED"
+
+
+def test_the_parent_follows_the_winner_and_names_tell_an_interrupted_trial(mlflow_server, tmp_path):
+    spec = write_space(tmp_path, "winner", mlflow_server.uri)
+    root = tmp_path / "study"
+    open_study(spec, root)
+    view = MlflowView(root, spec, mlflow_server.uri)
+    parent_id = view.start()
+    search = FakeSearch(root, spec, view)
+    client = MlflowClient(mlflow_server.uri)
+    for ray_id, curve in (("a", [0.7, 0.6]), ("b", [0.5, 0.9]), ("c", [0.1, 0.2])):
+        search.start(ray_id)
+        search.epochs(ray_id, range(2), curve)
+        search.end(ray_id)  # the trial's end updates the parent: no full sync here
+        if ray_id == "a":
+            tags = client.get_run(parent_id).data.tags
+            assert (tags["dsanet.best_trial"], tags["dsanet.status"]) == ("0", "RUNNING")
+    search.start("d")
+    search.epochs("d", range(1))
+    assert view.finish("KILLED")
+    assert view.sync()  # again: nothing new
+
+    parents, runs = runs_of(client, "winner")
+    parent = parents[0]
+    assert parent.data.tags["dsanet.best_trial"] == "1"
+    assert parent.data.tags["dsanet.best_run_id"] == runs[1].info.run_id
+    assert parent.data.metrics == {"best_val_ap": 0.9, "best_epoch": 1}
+    # One point per winner, at its place among complete trials: trial 0 first, then trial 1.
+    points = [(m.step, m.value) for m in history(client, parent, "best_val_ap")]
+    assert points == [(1, 0.7), (2, 0.9)]
+    assert [(m.step, m.value) for m in history(client, parent, "best_epoch")] == [(1, 0), (2, 1)]
+    assert (
+        "4 trials (3 complete, 0 pruned, 0 failed, 1 running or interrupted)"
+        in (parent.data.tags["mlflow.note.content"])
+    )
+    # Trial 0 keeps its first epoch, the trainer's selection, as Optuna does.
+    kept = [(m.step, m.value) for m in history(client, runs[0], "kept_epoch")]
+    assert kept == [(0, 0), (1, 0)]
+    interrupted = runs[3]
+    assert (interrupted.info.status, interrupted.data.tags["dsanet.status"]) == (
+        "KILLED",
+        "INTERRUPTED",
+    )
+    assert interrupted.info.run_name == "trial-3 (interrupted)"
+
+    again = MlflowView(root, spec, mlflow_server.uri)  # --resume carries trial 3 on
+    again.start()
+    resumed = client.get_run(interrupted.info.run_id)
+    assert (resumed.info.status, resumed.info.run_name) == ("RUNNING", "trial-3")
+
+
+def test_each_objective_gets_its_kept_value(tmp_path):
+    """val_ap is the trainer's selection metric (best_val_ap is its own); loss_total is not,
+    so the view logs best_loss_total: the loss at the epoch the trainer keeps."""
+    spec = write_space(tmp_path, "two", metric=["val_ap", "loss_total"], mode=["max", "min"])
+    root = tmp_path / "study"
+    search = FakeSearch(root, spec)
+    search.start("t")
+    search.epochs("t", range(2), [0.8, 0.6])
+    search.end("t")
+    view = MlflowView(root, spec)
+    view.finish("FINISHED")
+    client = MlflowClient(view.uri)
+    parents, runs = runs_of(client, "two")
+    assert [(m.step, m.value) for m in history(client, runs[0], "best_loss_total")] == [
+        (0, 1.0),
+        (1, 1.0),
+    ]
+    assert len(history(client, runs[0], "best_val_ap")) == 2  # the trainer's, once per epoch
+    assert parents[0].data.metrics == {"best_val_ap": 0.8, "best_loss_total": 1.0, "best_epoch": 0}
+
+
+def test_an_existing_experiment_opens_in_the_model_training_view(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("plain", str(tmp_path / "a"))
+    client.create_experiment("chosen", str(tmp_path / "b"), tags={"mlflow.experimentKind": "x"})
+    for name in ("plain", "chosen"):
+        spec = write_space(tmp_path / name, name, uri)
+        open_study(spec, tmp_path / name / "study")
+        MlflowView(tmp_path / name / "study", spec, uri).start()
+    kinds = {
+        name: client.get_experiment_by_name(name).tags["mlflow.experimentKind"]
+        for name in ("plain", "chosen")
+    }
+    assert kinds == {"plain": "custom_model_development", "chosen": "x"}  # a user's kind stays
+
+
+def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
+    spec = write_space(tmp_path, "seeds", mlflow_server.uri)
+    root = tmp_path / "study"
+    open_study(spec, root)
+    view = MlflowView(root, spec, mlflow_server.uri)
+    parent_id = view.start()
+    client = MlflowClient(mlflow_server.uri)
+    folder = root / "final" / "seed_7"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(spec.base.to_yaml())  # fit writes it first
+    assert view.sync_seeds()
+    (seed_run,) = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], "tags.`dsanet.run_key` = 'final/seed_7'"
+    )
+    assert (seed_run.info.status, seed_run.info.run_name) == ("RUNNING", "final-seed-7")
+    assert seed_run.data.params["train.seed"] == str(spec.base.train.seed)
+    run_id = seed_run.info.run_id
+    stamps = []
+    for epoch in range(2):  # each epoch as the seed's training appends it
+        stamps.append(
+            append_report(
+                folder, {"epoch": float(epoch), "seconds": 1.0, "loss_total": 1.0 / (epoch + 1)}
+            )
+        )
+        assert view.sync_seeds()
+        points = client.get_metric_history(run_id, "loss_total")
+        assert [m.step for m in points] == list(range(epoch + 1))
+    assert [m.timestamp for m in sorted(points, key=lambda m: m.step)] == [
+        int(t * 1000) for t in stamps
+    ]
+    history_records = [{"epoch": 0.0, "loss_total": 1.0}, {"epoch": 1.0, "loss_total": 0.5}]
+    (folder / "result.json").write_text(
+        json.dumps({"test": {"auc": 0.8}, "history": history_records})
+    )
+    (folder / "best.pt").write_bytes(b"weights")
+    view.seed_failed(9, "RayTaskError(ValueError): ray::_fit_in_worker()\nValueError: no data")
+    assert view.sync_seeds() and view.sync_seeds()  # twice: the second writes nothing
+    done = client.get_run(run_id)
+    assert (done.info.status, done.data.tags["dsanet.status"]) == ("FINISHED", "FINISHED")
+    assert done.data.metrics["test_auc"] == 0.8
+    assert steps(client, done, "loss_total") == [0, 1]  # the reports' epochs, not again
+    assert {a.path for a in client.list_artifacts(run_id)} == {
+        "best.pt",
+        "config.yaml",
+        "result.json",
+    }
+    (failed,) = client.search_runs(
+        [done.info.experiment_id], "tags.`dsanet.run_key` = 'final/seed_9'"
+    )
+    assert (failed.info.status, failed.info.run_name) == ("FAILED", "final-seed-9 (failed)")
+    assert failed.data.tags["dsanet.error"] == "ValueError: no data"
+    other = root / "final" / "seed_8"  # started, then the driver stopped
+    other.mkdir()
+    (other / "config.yaml").write_text(spec.base.to_yaml())
+    assert view.finish("KILLED")
+    (stopped,) = client.search_runs([done.info.experiment_id], "tags.`dsanet.seed` = '8'")
+    assert (stopped.info.status, stopped.info.run_name) == ("KILLED", "final-seed-8 (interrupted)")
 
 
 def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(tmp_path):
