@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import optuna
@@ -105,13 +105,22 @@ def objective_names(study: optuna.Study, spec: SpaceSpec) -> list[str]:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial; with several objectives, the Pareto trial best on the first."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return None
-    if len(study.directions) == 1:
-        return study.best_trial
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    return max(study.best_trials, key=lambda t: sign * t.values[0])
+    """The best complete trial (`best_of`), or None before one completes."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    maximize = [d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions]
+    return best_of(complete, maximize)
+
+
+def best_of(complete: Iterable[FrozenTrial], maximize: Sequence[bool]) -> FrozenTrial | None:
+    """The complete trial best on the first objective; ties go to the next objectives, then to
+    the lower number. With several objectives it is on the Pareto front: no trial is better on
+    the first, and none of those tied with it dominates it."""
+    signs = [1.0 if m else -1.0 for m in maximize]
+
+    def rank(t: FrozenTrial) -> tuple:
+        return (*(s * v for s, v in zip(signs, t.values, strict=True)), -t.number)
+
+    return max(complete, key=rank, default=None)
 
 
 def best_config(study: optuna.Study, spec: SpaceSpec) -> ExperimentConfig | None:

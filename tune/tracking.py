@@ -58,7 +58,7 @@ from tune.layout import (
     read_config,
 )
 from tune.plan import PROTOCOL_NOTES
-from tune.report import best_trial, objective_names
+from tune.report import best_of
 from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records, kept_step
 from tune.space import SpaceSpec, trial_config
 
@@ -71,8 +71,10 @@ TAG_KEY, TAG_STUDY = "dsanet.run_key", "dsanet.study"  # what finds a run
 TAG_STATUS, TAG_STAGE, TAG_EPOCHS = "dsanet.status", "dsanet.stage", "dsanet.epochs"
 TAG_PARENT, TAG_NOTE = "mlflow.parentRunId", "mlflow.note.content"  # MLflow's own tags
 TAG_BEST_TRIAL, TAG_BEST_RUN = "dsanet.best_trial", "dsanet.best_run_id"  # on the parent
-# MLflow 3's UI opens an experiment of this kind in its model-training view.
+# The experiment's kind in MLflow 3 (its UI's model-training view); 3.17's UI opens the view a
+# URL's workflowType names, so the printed link carries that too.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_VIEW = "?workflowType=machine_learning"
 # dsanet status -> (MLflow run status, what the run's name adds). MLflow has four end states
 # and its runs table draws FAILED and KILLED with the same red icon, so the name tells them
 # apart: a pruned trial did its job (ASHA stopped a poor config by design) and is FINISHED, its
@@ -135,6 +137,8 @@ class MlflowView(Callback):
         self._dirty: set[str] = set()  # run keys to sync
         self._errors: dict[str, str] = {}  # run key -> its error line (trials: from Ray)
         self._git: dict[str, str] = {}  # the parent's git tags, read once
+        self._trials: dict[int, FrozenTrial] = {}  # each trial as its last sync read it
+        self._files_due = True  # the parent's report/ files: logged by a whole-study sync
         self._ended = ""  # the parent's final status, once the driver ends
         self._outage_since: float | None = None
         self._warned = 0.0
@@ -149,11 +153,17 @@ class MlflowView(Callback):
         return run.run_id if run else ""
 
     def ui_command(self) -> str:
-        """How to browse the study: `mlflow ui --backend-store-uri ...`, or a server's URL."""
-        uri = redact(self.uri)
+        """How to browse the study: a server's URL, or `mlflow ui --backend-store-uri ...` and
+        the page to open. MLflow 3.17's UI picks its GenAI or model-training view from the
+        URL's `workflowType` (remembered by the browser, GenAI by default), not from the
+        experiment's kind, so the link asks for model training."""
+        uri, page = redact(self.uri), f"#/experiments/{self.experiment_id}{UI_VIEW}"
         if uri.startswith(("http://", "https://")) and self.experiment_id:
-            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}"
-        return f"mlflow ui --backend-store-uri {uri}"
+            return f"{uri.rstrip('/')}/{page}"
+        command = f"mlflow ui --backend-store-uri {uri}"
+        return (
+            f"{command}, then open http://127.0.0.1:5000/{page}" if self.experiment_id else command
+        )
 
     # ------------------------------------------------------------------ the driver's calls
     def start(self) -> str:
@@ -186,6 +196,7 @@ class MlflowView(Callback):
     def sync(self, wait_s: float = 0.0) -> bool:
         """Write every run of the study that MLflow lacks; True when nothing is left."""
         self._dirty.update(self._all_keys())
+        self._files_due = True
         return self.drain(wait_s)
 
     def sync_seeds(self) -> bool:
@@ -224,6 +235,7 @@ class MlflowView(Callback):
         number = (trial.config or {}).get(OPTUNA_KEY)
         if number is not None:
             self._errors[f"trial/{number}"] = _error_line(trial)
+        self._dirty.add(PARENT)  # its count of failed trials
         self._touched(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -264,9 +276,11 @@ class MlflowView(Callback):
             with _short_retries():
                 if not self.experiment_id:
                     self._open_stores()
-                if PARENT not in self._runs:
+                if PARENT not in self._runs:  # first: the children name its run id
+                    self._sync_one(PARENT)
                     self._dirty.add(PARENT)
-                for key in sorted(self._dirty, key=lambda k: k != PARENT):  # children need it
+                # The parent last: it names the winner among the trials synced before it.
+                for key in sorted(self._dirty, key=lambda k: k == PARENT):
                     self._sync_one(key)
                     self._dirty.discard(key)
         except (MlflowException, requests.RequestException, OSError, KeyError) as exc:
@@ -313,14 +327,15 @@ class MlflowView(Callback):
             metrics = [Metric(k, v, _stamp(summary_file), 0) for k, v in summary.items()]
         best_metrics, best_tags = self._winner(summary)
         self._log(run, metrics + best_metrics, best_tags)
-        for name in REPORT_PARTS:  # report/<part>/ -> the parent's <part>/
+        for name in REPORT_PARTS if self._files_due else ():  # report/<part>/ -> <part>/
             folder = self.folder.report_dir(name)
             if folder.is_dir():
                 self._log_files(run, folder, name)
+        self._files_due = False
         self._set_status(run, self._ended or "RUNNING", PARENT)
 
     def _winner(self, summary: Mapping[str, float]) -> tuple[list[Metric], dict[str, str]]:
-        """The parent's account of the study and its best trial (`tune.report.best_trial`):
+        """The parent's account of the study and its best trial (`tune.report.best_of`):
         tags naming the trial and its run, a note, and metrics `best_<objective>` and
         `best_epoch` (0-based, as the trainer counts epochs).
 
@@ -328,8 +343,7 @@ class MlflowView(Callback):
         place among complete trials in order of completion and with its completion time, so a
         new winner (which completed later) is the latest value MLflow shows, each winner is
         one point of a best-so-far curve, and syncing again writes nothing new."""
-        study = optuna.load_study(study_name=self.spec.name, storage=self._storage)
-        trials = study.get_trials(deepcopy=False)
+        trials = self._trials.values()  # as read by the trials' own syncs: no store read
         count = Counter(t.state for t in trials)
         protocol = self.spec.base.data.protocol
         note = (
@@ -338,16 +352,14 @@ class MlflowView(Callback):
             f"{count[TrialState.RUNNING]} running or interrupted); data.protocol={protocol}: "
             f"{PROTOCOL_NOTES[protocol]}."
         )
-        best = best_trial(study)
-        if best is None:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = best_of(complete, [m == "max" for m in self.spec.mode])
+        if best is None or f"trial/{best.number}" not in self._runs:
             return [], {TAG_NOTE: note + " No trial has completed yet."}
-        if f"trial/{best.number}" not in self._runs:
-            self._sync_trial(best.number)
         run, kept = self._runs[f"trial/{best.number}"], kept_step(epoch_records(best)) - 1
         stamp = int(best.datetime_complete.timestamp() * 1000)
-        done = [t.datetime_complete for t in trials if t.state == TrialState.COMPLETE]
-        place = sum(when <= best.datetime_complete for when in done)
-        values = dict(zip(objective_names(study, self.spec), best.values, strict=False))
+        place = sum(t.datetime_complete <= best.datetime_complete for t in complete)
+        values = dict(zip(self.spec.metric, best.values, strict=False))
         metrics = [Metric(f"best_{k}", v, stamp, place) for k, v in values.items()]
         metrics.append(Metric("best_epoch", kept, stamp, place))
         shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
@@ -375,6 +387,7 @@ class MlflowView(Callback):
         self._log(run, metrics, tags | _error_tag(self._errors.get(key)))
         run.epochs = len(epochs)
         self._end(run, key, folder, _TRIAL_STATUS.get(trial.state) or self._unfinished(key))
+        self._trials[number] = trial
 
     def _kept(
         self, records: Mapping[int, Mapping[str, Any]], done: int, logged: Mapping[str, float]

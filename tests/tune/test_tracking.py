@@ -171,7 +171,9 @@ def test_study_layout(mlflow_server, tmp_path):
     for run in [parent, *runs.values()]:
         assert "mlflow.user" not in run.data.tags
         assert not secrets & (set(run.data.params.values()) | set(run.data.tags.values()))
-    assert view.ui_command().startswith(f"{mlflow_server.uri}/#/experiments/")
+    assert view.ui_command() == (
+        f"{mlflow_server.uri}/#/experiments/{view.experiment_id}?workflowType=machine_learning"
+    )
     assert not list(root.glob("*.json"))  # no state of its own in the study folder
 
 
@@ -405,8 +407,12 @@ def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     search = FakeSearch(root, spec)
     view = search.view = MlflowView(root, spec, spec.mlflow.tracking_uri)
     assert view.uri == f"sqlite:///{root.resolve()}/mlflow.db"
-    assert view.ui_command() == f"mlflow ui --backend-store-uri {view.uri}"
+    assert view.ui_command() == f"mlflow ui --backend-store-uri {view.uri}"  # no experiment yet
     view.start()
+    assert view.ui_command() == (
+        f"mlflow ui --backend-store-uri {view.uri}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{view.experiment_id}?workflowType=machine_learning"
+    )
     search.start("t1")
     search.epochs("t1", range(2))
     search.end("t1")
