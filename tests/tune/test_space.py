@@ -28,7 +28,7 @@ SEARCH = {
     "model.use_sgnm": [True, False],
     "model.num_prototypes": {"choices": [4, 8, 16], "condition": {"model.use_sgnm": True}},
     "model.decoder_depth": {"type": "int", "low": 2, "high": 6, "step": 2},
-    "model.attn_window": [16, 32, 64],
+    "model.attn_window": [8, 16, 32],  # divisors of the demo base's T=32
     "loss.label_smoothing": {"low": 0.0, "high": 0.2},
 }
 GOOD = {
