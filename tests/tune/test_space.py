@@ -28,7 +28,7 @@ SEARCH = {
     "model.use_sgnm": [True, False],
     "model.num_prototypes": {"choices": [4, 8, 16], "condition": {"model.use_sgnm": True}},
     "model.decoder_depth": {"type": "int", "low": 2, "high": 6, "step": 2},
-    "model.attn_window": [16, 32, 64],
+    "model.attn_window": [8, 16, 32],  # divisors of the demo base's T=32
     "loss.label_smoothing": {"low": 0.0, "high": 0.2},
 }
 GOOD = {
@@ -138,7 +138,8 @@ def test_paper_points_are_the_spec_defaults():
 def test_demo_space():
     spec = load_space("demo")  # by name, like load_config
     assert spec.synthetic is not None and spec.synthetic.preset == "xd-mini"
-    assert (spec.scheduler.max_t, spec.num_samples, spec.max_concurrent) == (4, 8, 2)
+    assert (spec.scheduler.max_t, spec.num_samples, spec.max_concurrent) == (4, 6, 2)
+    assert spec.searcher.n_startup_trials < spec.num_samples  # TPE proposes some trials
     assert spec.max_failures == 2  # the default
     assert spec.resources.gpu == 0 and spec.searcher.kind == "tpe"
 
