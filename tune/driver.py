@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, help="override the space's num_samples")
     parser.add_argument("--storage-path", help="override the space's storage_path")
     parser.add_argument(
-        "--final-seeds", type=int, default=3, help="retrain the best config on N seeds (0: skip)"
+        "--final-seeds",
+        type=int,
+        help="retrain the best config on N seeds (0: skip); default: the space's final_seeds",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     parser.add_argument("overrides", nargs="*", help="config overrides: section.field=value")

@@ -19,11 +19,10 @@ from dsanet.config import ExperimentConfig, flatten
 from dsanet.errors import brief, redact
 from dsanet.files import write_atomic
 from tune.layout import BASE_FILE, RAY_DIR, STUDY_DB, StudyFolder, read_base
-from tune.space import TRIALS_LIMIT, SpaceSpec, load_space
+from tune.space import FINAL_SEEDS_LIMIT, TRIALS_LIMIT, SpaceSpec, load_space
 
 log = logging.getLogger(__name__)
 
-FINAL_SEEDS_LIMIT = 100
 PROBE_BYTES = 1 << 20  # written to the study folder before Ray starts: a full disk fails here
 ADDRESS_TIMEOUT_S = 5.0  # for a cluster address to accept a TCP connection
 JOIN_FIX = (
@@ -71,10 +70,9 @@ class Plan:
 def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
     """Check everything before Ray starts; generate synthetic data and the feature cache."""
     spec = load_space(args.space, args.overrides)
-    if not 0 <= args.final_seeds <= FINAL_SEEDS_LIMIT:
-        raise ValueError(
-            f"--final-seeds {args.final_seeds}: give 0 (skip) to {FINAL_SEEDS_LIMIT} seeds"
-        )
+    seeds = spec.final_seeds if args.final_seeds is None else args.final_seeds
+    if not 0 <= seeds <= FINAL_SEEDS_LIMIT:
+        raise ValueError(f"--final-seeds {seeds}: give 0 (skip) to {FINAL_SEEDS_LIMIT} seeds")
     if args.resume and (args.address or "").startswith("ray://"):
         raise ValueError(
             "--resume over Ray Client (ray://) is not supported: run the driver on the cluster "
@@ -93,7 +91,7 @@ def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:
     if not args.dry_run:
         _write_base(root, base)
     uri = spec.mlflow.tracking_uri or StudyFolder(root).mlflow_uri
-    return Plan(spec, root, resume, args.address, args.final_seeds, uri, data_note, resume_command)
+    return Plan(spec, root, resume, args.address, seeds, uri, data_note, resume_command)
 
 
 def _check_address(address: str | None) -> None:

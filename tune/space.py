@@ -58,6 +58,7 @@ SEED_LIMIT = 2**31 - 1  # numpy seeds lie in [0, 2**32); the searcher adds the t
 TRIALS_LIMIT = 100_000  # num_samples, n_startup_trials
 CONCURRENT_LIMIT = 10_000
 FAILURES_LIMIT = 100  # retries of one trial
+FINAL_SEEDS_LIMIT = 100
 OBJECTIVES_LIMIT = 8
 RUNGS_LIMIT = 100  # ASHA rungs between grace_period and max_t
 CPU_LIMIT, GPU_LIMIT = 1024, 64  # per trial
@@ -109,6 +110,7 @@ class Settings:
     num_samples: int = 20
     max_concurrent: int = 1
     max_failures: int = 2  # Ray's retries of a failed trial, each from its last checkpoint
+    final_seeds: int = 3  # the final stage retrains the best config on this many seeds; 0: none
     storage_path: str = "studies"  # absolute once parsed
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -140,6 +142,7 @@ _BOUNDS = {
     "num_samples": (1, TRIALS_LIMIT),
     "max_concurrent": (1, CONCURRENT_LIMIT),
     "max_failures": (0, FAILURES_LIMIT),
+    "final_seeds": (0, FINAL_SEEDS_LIMIT),
     "searcher.seed": (0, SEED_LIMIT),
     "searcher.n_startup_trials": (0, TRIALS_LIMIT),
     "scheduler.max_t": (1, None),

@@ -96,6 +96,15 @@ def test_bad_counts_and_addresses(tmp_path, xd_small, capsys, args, needle):
     assert not (tmp_path / "studies").exists()
 
 
+@pytest.mark.parametrize(("args", "seeds"), [((), 2), (("--final-seeds", "0"), 0)])
+def test_final_seeds_from_the_space_unless_the_command_line_gives_them(
+    tmp_path, xd_small, capsys, args, seeds
+):
+    space = write_space(tmp_path, xd_small, final_seeds=2)
+    assert main(["--space", str(space), "--dry-run", *args]) == 0
+    assert f"final       {seeds} seed(s) of the best config" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("made", [False, True])
 def test_resume_of_a_folder_that_holds_no_study(tmp_path, xd_small, capsys, made):
     space = write_space(tmp_path, xd_small)

@@ -295,6 +295,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         r"search\.optim\.lr\.hihg: unknown key; did you mean 'high'",
     ),
     ("negative-max-failures", {"max_failures": -1}, r"max_failures: -1 must be >= 0"),
+    ("negative-final-seeds", {"final_seeds": -1}, r"final_seeds: -1 must be >= 0"),
     ("fractional-max-failures", {"max_failures": 1.5}, r"max_failures=1\.5 is not an integer"),
     (
         "negative-cpu",
