@@ -107,14 +107,26 @@ def one_error(capsys, status: int, *needles: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_finished_run(tmp_path_factory) -> Path:
-    """The folder of a finished 1-epoch, 1-step run on the tiny tree (copy it before changing
-    it): test_evaluate's runs and test_plots' plots read the same one."""
+def tiny_finished(tmp_path_factory) -> tuple[list[str], Path]:
+    """The overrides of a finished 1-epoch, 1-step run on the tiny tree, and its folder (copy it
+    before changing it): test_cli's, test_evaluate's and test_plots' tests read the same one."""
     from dsanet.config import load_config
     from dsanet.trainer import fit
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = write_tiny_tree(root / "tiny")
-    extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
-    fit(load_config("demo", tiny_run_overrides(data, root / "run") + extra))
-    return root / "run"
+    out = root / "run"
+    overrides = tiny_run_overrides(data, out) + [
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "data.val_fraction=0.5",
+        "model.num_prototypes=4",
+    ]
+    fit(load_config("demo", overrides))
+    return overrides, out
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tiny_finished) -> Path:
+    """The folder of `tiny_finished` (copy it before changing it)."""
+    return tiny_finished[1]
