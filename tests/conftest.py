@@ -74,13 +74,31 @@ def tiny_tree(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def xd_mini(tmp_path_factory) -> dict[str, Path]:
-    """The synthetic xd-mini benchmark, generated once per test session."""
-    from dsanet.synth import generate
+def synth_mini(tmp_path_factory):
+    """`synth_mini("xd")`: the synthetic xd-mini (or ucf-mini) benchmark of seed 0, generated
+    at its first use in the session; read it, never change it."""
+    from dsanet.synth import SynthSummary, generate
 
-    out = tmp_path_factory.mktemp("xd-mini") / "data"
-    generate("xd-mini", out, seed=0)
-    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
+    made: dict[str, SynthSummary] = {}
+
+    def tree(dataset: str) -> SynthSummary:
+        if dataset not in made:
+            out = tmp_path_factory.mktemp(f"{dataset}-mini") / "data"
+            made[dataset] = generate(f"{dataset}-mini", out, seed=0)
+        return made[dataset]
+
+    return tree
+
+
+@pytest.fixture(scope="session")
+def xd_mini(synth_mini) -> dict[str, Path]:
+    """The synthetic xd-mini benchmark, generated once per test session."""
+    summary = synth_mini("xd")
+    return {
+        "lists": summary.list_dir,
+        "features": summary.feature_root,
+        "cache": summary.out.parent / "cache",
+    }
 
 
 def tiny_run_overrides(data: dict[str, Path], out_dir: Path) -> list[str]:
