@@ -7,14 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# The tests' models are tiny: a second intra-op thread gains nothing on them, and on a shared
-# machine OpenMP threads that spin-wait for each other made fits several times slower. One
-# thread, as a 1-CPU trial runs (tune/trainable.py); subprocesses keep torch's default.
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
