@@ -68,13 +68,31 @@ def tiny_tree(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def xd_mini(tmp_path_factory) -> dict[str, Path]:
-    """The synthetic xd-mini benchmark, generated once per test session."""
-    from dsanet.synth import generate
+def synth_mini(tmp_path_factory):
+    """`synth_mini("xd")`: the synthetic xd-mini (or ucf-mini) benchmark of seed 0, generated
+    at its first use in the session; read it, never change it."""
+    from dsanet.synth import SynthSummary, generate
 
-    out = tmp_path_factory.mktemp("xd-mini") / "data"
-    generate("xd-mini", out, seed=0)
-    return {"lists": out / "lists", "features": out / "features", "cache": out.parent / "cache"}
+    made: dict[str, SynthSummary] = {}
+
+    def tree(dataset: str) -> SynthSummary:
+        if dataset not in made:
+            out = tmp_path_factory.mktemp(f"{dataset}-mini") / "data"
+            made[dataset] = generate(f"{dataset}-mini", out, seed=0)
+        return made[dataset]
+
+    return tree
+
+
+@pytest.fixture(scope="session")
+def xd_mini(synth_mini) -> dict[str, Path]:
+    """The synthetic xd-mini benchmark, generated once per test session."""
+    summary = synth_mini("xd")
+    return {
+        "lists": summary.list_dir,
+        "features": summary.feature_root,
+        "cache": summary.out.parent / "cache",
+    }
 
 
 def tiny_run_overrides(data: dict[str, Path], out_dir: Path) -> list[str]:
@@ -107,14 +125,26 @@ def one_error(capsys, status: int, *needles: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_finished_run(tmp_path_factory) -> Path:
-    """The folder of a finished 1-epoch, 1-step run on the tiny tree (copy it before changing
-    it): test_evaluate's runs and test_plots' plots read the same one."""
+def tiny_finished(tmp_path_factory) -> tuple[list[str], Path]:
+    """The overrides of a finished 1-epoch, 1-step run on the tiny tree, and its folder (copy it
+    before changing it): test_cli's, test_evaluate's and test_plots' tests read the same one."""
     from dsanet.config import load_config
     from dsanet.trainer import fit
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = write_tiny_tree(root / "tiny")
-    extra = ["train.epochs=1", "train.max_steps_per_epoch=1", "data.val_fraction=0.5"]
-    fit(load_config("demo", tiny_run_overrides(data, root / "run") + extra))
-    return root / "run"
+    out = root / "run"
+    overrides = tiny_run_overrides(data, out) + [
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "data.val_fraction=0.5",
+        "model.num_prototypes=4",
+    ]
+    fit(load_config("demo", overrides))
+    return overrides, out
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tiny_finished) -> Path:
+    """The folder of `tiny_finished` (copy it before changing it)."""
+    return tiny_finished[1]

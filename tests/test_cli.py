@@ -21,19 +21,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[list[str], Path]:
-    """The overrides of a 1-epoch tiny run, and its folder (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("cli-run")
-    data = write_tiny_tree(root / "tiny")
-    out = root / "run"
-    overrides = tiny_run_overrides(data, out) + [
-        "train.epochs=1",
-        "train.max_steps_per_epoch=1",
-        "data.val_fraction=0.5",
-        "model.num_prototypes=4",
-    ]
-    fit(load_config("demo", overrides))
-    return overrides, out
+def finished_run(tiny_finished) -> tuple[list[str], Path]:
+    """The overrides of a 1-epoch tiny run with model.num_prototypes=4, and its folder (the
+    session's, shared with test_evaluate and test_plots: copy it before changing it)."""
+    return tiny_finished
 
 
 def _copy_run(finished_run, tmp_path) -> tuple[list[str], Path]:

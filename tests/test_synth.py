@@ -21,9 +21,9 @@ from dsanet.synth_layout import Segment, VideoPlan, load_calibration, plan_datas
 
 
 @pytest.fixture(scope="module")
-def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SynthSummary]:
-    root = tmp_path_factory.mktemp("synth")
-    return {name: generate(f"{name}-mini", root / name, seed=0) for name in ("xd", "ucf")}
+def trees(synth_mini) -> dict[str, SynthSummary]:
+    """xd-mini and ucf-mini of seed 0 (the session's: test_data reads ucf-mini too)."""
+    return {name: synth_mini(name) for name in ("xd", "ucf")}
 
 
 def read_list(path: Path) -> list[tuple[str, str]]:

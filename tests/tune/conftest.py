@@ -53,8 +53,12 @@ class MlflowServer:
         self.starts = 0
 
     def start(self) -> MlflowServer:
+        return self.launch().wait_until_up()
+
+    def launch(self) -> MlflowServer:
+        """Start the server's process and return at once; `wait_until_up` waits for it."""
         self.starts += 1
-        logfile = (self.root / f"server-{self.starts}.log").open("w")
+        self._logname = str(self.root / f"server-{self.starts}.log")
         command = [
             str(MLFLOW), "server",
             "--backend-store-uri", f"sqlite:///{self.db}",
@@ -62,11 +66,14 @@ class MlflowServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.process = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env)
-        self._wait_until_up(logfile.name)
+        with open(self._logname, "w") as logfile:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                command, stdout=logfile, stderr=subprocess.STDOUT, env=env
+            )
         return self
 
-    def _wait_until_up(self, logname: str) -> None:
+    def wait_until_up(self) -> MlflowServer:
+        logname = self._logname
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -74,7 +81,7 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{tail}")
             try:
                 if requests.get(f"{self.uri}/", timeout=2).status_code == 200:
-                    return
+                    return self
             except requests.RequestException:
                 pass
             time.sleep(0.25)
@@ -103,12 +110,24 @@ class MlflowServer:
             time.sleep(0.2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_server_launched(request, tmp_path_factory) -> Iterator[MlflowServer | None]:
+    """The session's tracking server, launched at the first search test when a test of the
+    session uses `mlflow_server`: its 8-18 s start overlaps the tests that come before."""
+    if not any("mlflow_server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).launch()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> MlflowServer:
+def mlflow_server(_mlflow_server_launched) -> MlflowServer:
     """One tracking server for the session; each test uses its own experiment."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
+    return _mlflow_server_launched.wait_until_up()
 
 
 @pytest.fixture

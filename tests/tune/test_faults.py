@@ -8,21 +8,21 @@ test_tracking.py.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
+import resource
 import signal
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from optuna.trial import TrialState
 from ray_fixtures import (
-    REPO,
-    RUN_PY,
     assert_resumed_from_checkpoint,
     mlflow_children,
     one_trial_space,
@@ -31,7 +31,7 @@ from ray_fixtures import (
     write_space,
 )
 
-from dsanet.trainer import load_checkpoint
+from dsanet.trainer import load_checkpoint, save_atomic
 from tune.driver import main
 
 EPOCHS = 5
@@ -82,65 +82,49 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, xd_sm
 # ---------------------------------------------------------------------------- storage
 
 
-def _run_py(
-    args: list[str], ray_tmp: Path, fsize: int | None = None
-) -> subprocess.CompletedProcess:
-    """`python tune/run.py ARGS`; with `fsize`, no file may grow past that many bytes (a disk
-    that is full), and SIGXFSZ is ignored so that writes fail with EFBIG instead."""
-    code = "import resource, runpy, signal, sys\n"
-    if fsize is not None:
-        code += (
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
-        )
-    code += f"sys.argv = ['tune/run.py', *sys.argv[1:]]\nrunpy.run_path({str(RUN_PY)!r})\n"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
-        timeout=300,
-    )
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """No file of this process may grow past `nbytes` (a disk that is full): the soft
+    RLIMIT_FSIZE, with SIGXFSZ ignored so that writes fail with EFBIG; both restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.mark.parametrize("case", ["storage path is a file", "disk full"])
-def test_unusable_storage_is_one_error_before_ray(tmp_path, xd_small, case):
+def test_unusable_storage_is_one_error_before_ray(tmp_path, xd_small, case, capsys, monkeypatch):
+    """In-process `main(argv)` (tests/tune/test_run.py runs `python tune/run.py` itself)."""
+    import ray
+
     space = write_space(tmp_path, xd_small)
     blocker = tmp_path / "plain-file"
     blocker.write_text("not a folder")
     ray_tmp = tmp_path / "ray-tmp"
     ray_tmp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     if case == "storage path is a file":
-        run = _run_py(["--space", str(space), "--storage-path", str(blocker / "s")], ray_tmp)
+        status = main(["--space", str(space), "--storage-path", str(blocker / "s")])
         message = f"storage path {blocker}/s/t: {blocker} is not a folder"
     else:
-        run = _run_py(["--space", str(space)], ray_tmp, fsize=64 << 10)
+        with file_size_limit(64 << 10):
+            status = main(["--space", str(space)])
         message = r"storage path .*/studies/t cannot be written \(File too large\)"
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("error: ") and run.stderr.count("error:") == 1
-    assert "Traceback" not in run.stderr
-    assert re.search(message, run.stderr), run.stderr
-    assert "--storage-path" in run.stderr  # the fix
-    assert not list(ray_tmp.iterdir())  # Ray never started
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    assert stderr.startswith("error: ") and stderr.count("error:") == 1
+    assert "Traceback" not in stderr
+    assert re.search(message, stderr), stderr
+    assert "--storage-path" in stderr  # the fix
+    assert not list(ray_tmp.iterdir()) and not ray.is_initialized()  # Ray never started
     assert not (tmp_path / "studies").exists() and not list(tmp_path.glob(".dsanet-write-probe*"))
 
 
 # ---------------------------------------------------------------------------- atomic checkpoints
-
-_WRITER = """
-import resource, signal, sys, time, torch
-from pathlib import Path
-from dsanet.trainer import save_atomic
-path, mode = Path(sys.argv[1]), sys.argv[2]
-if mode == "small-disk":
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-print("writing", flush=True)
-save_atomic({"epoch": 2, "weights": torch.ones(16 << 20)}, path)  # 64 MB: never fits 1 MB
-print("written", flush=True)
-time.sleep(60)
-"""
 
 
 def _old_checkpoint(path: Path) -> dict:
@@ -155,17 +139,14 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("had_one", [True, False], ids=["over-an-old-one", "first"])
 def test_checkpoint_write_on_a_full_disk_leaves_the_old_file_or_nothing(tmp_path, had_one):
+    """In-process: the 64 MB checkpoint never fits under a 1 MB file-size limit."""
     path = tmp_path / "last.pt"
     old = _old_checkpoint(path) if had_one else None
-    run = subprocess.run(
-        [sys.executable, "-c", _WRITER, str(path), "small-disk"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 1, run.stderr[-2000:]
-    assert f"OSError: could not write {path}" in run.stderr and "checkpoint is kept" in run.stderr
-    assert "written" not in run.stdout
+    state = {"epoch": 2, "weights": torch.ones(16 << 20)}
+    with file_size_limit(1 << 20), pytest.raises(OSError) as raised:
+        save_atomic(state, path)
+    message = str(raised.value)
+    assert f"could not write {path}" in message and "checkpoint is kept" in message
     if had_one:
         assert _same(load_checkpoint(path, torch.device("cpu")), old)
     else:
@@ -173,23 +154,33 @@ def test_checkpoint_write_on_a_full_disk_leaves_the_old_file_or_nothing(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == (["last.pt"] if had_one else [])
 
 
+def _write_and_linger(state: dict, path: Path, started) -> None:
+    """The writer process: say it starts, write the new checkpoint, then wait to be killed."""
+    started.set()
+    save_atomic(state, path)
+    time.sleep(60)
+
+
 def test_checkpoint_write_killed_midway_leaves_a_complete_file(tmp_path):
+    """The writer is a fork of this process (torch is imported already), SIGKILLed while its
+    temporary file is half written."""
     path = tmp_path / "last.pt"
     old = _old_checkpoint(path)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path), "kill"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    new = {"epoch": 2, "weights": torch.ones(16 << 20)}  # 64 MB, made before the fork
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    writer = context.Process(target=_write_and_linger, args=(new, path, started), daemon=True)
+    writer.start()
     try:
-        assert writer.stdout.readline().strip() == "writing"
+        assert started.wait(timeout=60)
         deadline = time.monotonic() + 60
         while not [p for p in tmp_path.glob(".last.pt.tmp-*") if p.stat().st_size > 0]:
-            assert time.monotonic() < deadline and writer.poll() is None
+            assert time.monotonic() < deadline and writer.is_alive()
             time.sleep(0.001)
     finally:
         writer.kill()
-        writer.wait(timeout=30)
+        writer.join(timeout=30)
+    assert writer.exitcode == -signal.SIGKILL
     # The kill cut the new file short; the checkpoint is still the old, complete one.
     (partial,) = tmp_path.glob(".last.pt.tmp-*")
     with pytest.raises(ValueError, match="not a torch.save file"):

@@ -376,8 +376,8 @@ def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
     assert (stopped.info.status, stopped.info.run_name) == ("KILLED", "final-seed-8 (interrupted)")
 
 
-def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(tmp_path):
-    spec = write_space(tmp_path, "twice")
+def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(mlflow_server, tmp_path):
+    spec = write_space(tmp_path, "twice", mlflow_server.uri)
     root = tmp_path / "study"
     search = FakeSearch(root, spec)
     search.start("t")
@@ -387,7 +387,7 @@ def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(tmp_path
     rewritten = {**accepted, "time": accepted["time"] + 5, "metrics": {"val_ap": 0.1}}
     with open(reports, "a") as handle:  # the same epoch again, by an attempt Ray did not keep
         handle.write(json.dumps(rewritten) + "\n")
-    view = MlflowView(root, spec)
+    view = MlflowView(root, spec, mlflow_server.uri)
     view.finish("FINISHED")
     (run,) = runs_of(MlflowClient(view.uri), "twice")[1].values()
     (point,) = MlflowClient(view.uri).get_metric_history(run.info.run_id, "val_ap")
@@ -500,11 +500,11 @@ def test_a_driver_that_dies_while_the_server_is_down_is_caught_up_by_the_next(
     assert runs[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
 
 
-def test_events_of_trials_without_an_optuna_number_are_ignored(tmp_path):
-    spec = write_space(tmp_path, "foreign")
+def test_events_of_trials_without_an_optuna_number_are_ignored(mlflow_server, tmp_path):
+    spec = write_space(tmp_path, "foreign", mlflow_server.uri)
     root = tmp_path / "study"
     open_study(spec, root)
-    view = MlflowView(root, spec)
+    view = MlflowView(root, spec, mlflow_server.uri)
     view.start()
     stranger = Trial("dsanet", config={"x": 1}, trial_id="zz", stub=True)
     view.on_trial_result(0, [], stranger, {"val_ap": 1.0})
