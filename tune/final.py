@@ -28,7 +28,7 @@ from dsanet.trainer import BEST, CHECKPOINT, RESULT, fit
 from tune.layout import StudyFolder
 from tune.space import SpaceSpec
 from tune.tracking import MlflowView
-from tune.trainable import append_report, drop_random_weights_repeat, worker_logging
+from tune.trainable import append_report, quiet_random_weights, worker_logging
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def run_final_stage(
     path, text = StudyFolder(study_dir).final_summary, json.dumps(summary, indent=1)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
         write_atomic(path, text)
-    # The plots build a model in this process too: open_clip would repeat dsanet's warning.
-    if drop_random_weights_repeat not in logging.getLogger().filters:
-        logging.getLogger().addFilter(drop_random_weights_repeat)
+    quiet_random_weights()  # the plots build a model in this process too
     first = load_run(configs[min(configs)].train.out_dir)
     write_test_plots(first, StudyFolder(study_dir).report_dir("best"))
     print(format_table({s: results[s]["test"] for s in configs}, summary))

@@ -353,8 +353,22 @@ def describe(plan: Plan) -> str:
             f"  folder      {plan.root} ({'resume' if plan.resume else 'new'})",
             f"  data        {plan.data_note}",
             f"  protocol    {spec.base.data.protocol}: {PROTOCOL_NOTES[spec.base.data.protocol]}",
+            *_text_weights_line(spec),
             f"  mlflow      {redact(plan.tracking_uri)} (experiment {spec.mlflow.experiment})",
             f"  ray         {plan.address or 'a local Ray on this machine'}",
             f"  final       {plan.final_seeds} seed(s) of the best config (protocol final)",
         ]
     )
+
+
+def _text_weights_line(spec: SpaceSpec) -> list[str]:
+    """The plan's one warning of a random CLIP text tower; trials, seeds and plots keep quiet
+    about it (`tune.trainable.quiet_random_weights`)."""
+    searched = any(p.name == "text.weights" for p in spec.params)
+    if spec.base.text.weights and not searched:
+        return []
+    which = "text.weights is searched" if searched else "text.weights is empty"
+    return [
+        f"  text        WARNING {which}: a trial without weights gets a RANDOM CLIP text tower; "
+        f"fine for the demo and tests, for real runs set text.weights=openai or a checkpoint"
+    ]

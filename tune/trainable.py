@@ -82,9 +82,8 @@ def worker_logging() -> None:
     dsanet and tune get one stderr handler each and stop there: open_clip logs through the
     root logger (`logging.info`), which installs a root handler (`basicConfig`) in a process
     without one, so records went on through it or Python's last-resort handler, in two formats
-    from one trial to the next. open_clip's own "No pretrained weights loaded" repeats dsanet's
-    "text.weights is empty" warning and is dropped (a filter on the root logger sees only the
-    records logged on it, i.e. open_clip's).
+    from one trial to the next. The random text-tower warnings are left to the plan
+    (`quiet_random_weights`).
     """
     for name in ("dsanet", "tune"):
         logger = logging.getLogger(name)
@@ -94,14 +93,23 @@ def worker_logging() -> None:
             handler._dsanet_worker = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.propagate = False
-    root = logging.getLogger()
-    if drop_random_weights_repeat not in root.filters:
-        root.addFilter(drop_random_weights_repeat)
+    quiet_random_weights()
 
 
-def drop_random_weights_repeat(record: logging.LogRecord) -> bool:
-    """False for open_clip's warning that dsanet's `resolve_text_weights` has given already."""
-    return not str(record.msg).startswith("No pretrained weights loaded for model")
+def quiet_random_weights() -> None:
+    """Drop the warnings that a model is built with a random text tower in this process: the
+    driver's plan says it once for the study (`tune.plan.describe`), where every trial, seed
+    and plot would repeat it. dsanet's comes from `dsanet.text`, open_clip's own repeat of it
+    from the root logger; a logger's filter sees only the records logged on it."""
+    for name in ("dsanet.text", ""):
+        logger = logging.getLogger(name)
+        if _said_in_the_plan not in logger.filters:
+            logger.addFilter(_said_in_the_plan)
+
+
+def _said_in_the_plan(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not message.startswith(("text.weights is empty", "No pretrained weights loaded"))
 
 
 def read_trial_config(config: dict[str, Any], out_dir: Path) -> ExperimentConfig:

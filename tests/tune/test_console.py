@@ -84,7 +84,7 @@ def test_the_summary_line_comes_at_most_every_30_seconds(tmp_path, capsys):
 def test_a_dsanet_warning_after_open_clip_reaches_stderr_once(capsys):
     import open_clip  # noqa: F401
 
-    from tune.trainable import drop_random_weights_repeat, worker_logging
+    from tune.trainable import _said_in_the_plan, worker_logging
 
     root = logging.getLogger()
     saved = root.handlers[:]
@@ -93,13 +93,16 @@ def test_a_dsanet_warning_after_open_clip_reaches_stderr_once(capsys):
         root.addHandler(logging.StreamHandler())
         worker_logging()
         worker_logging()  # a reused worker runs it again
+        logging.getLogger("dsanet.data").warning("a video is shorter than T")
+        # The random text tower: said once by the driver's plan, by no trial or seed.
         logging.getLogger("dsanet.text").warning("text.weights is empty: RANDOM weights")
         logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
         err = capsys.readouterr().err
-        assert err == "WARNING dsanet.text: text.weights is empty: RANDOM weights\n"
+        assert err == "WARNING dsanet.data: a video is shorter than T\n"
     finally:
         root.handlers[:] = saved
-        root.removeFilter(drop_random_weights_repeat)
+        for logger in (root, logging.getLogger("dsanet.text")):
+            logger.removeFilter(_said_in_the_plan)
         for name in ("dsanet", "tune"):
             logging.getLogger(name).handlers.clear()
             logging.getLogger(name).propagate = True

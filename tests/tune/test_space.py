@@ -141,6 +141,7 @@ def test_demo_space():
     assert (spec.scheduler.max_t, spec.num_samples, spec.max_concurrent) == (4, 6, 2)
     assert spec.searcher.n_startup_trials < spec.num_samples  # TPE proposes some trials
     assert spec.max_failures == 2  # the default
+    assert (spec.final_seeds, spec.base.train.max_steps_per_epoch) == (2, 6)
     assert spec.resources.gpu == 0 and spec.searcher.kind == "tpe"
 
 
