@@ -93,12 +93,17 @@ def history(client: MlflowClient, run, key: str) -> list:
     return sorted(points, key=lambda m: (m.step, m.timestamp))
 
 
-def test_study_layout(mlflow_server, tmp_path):
-    spec = write_space(tmp_path, "layout", mlflow_server.uri)
+def started(tmp_path: Path, name: str, uri: str) -> tuple:
+    """A space, its Optuna study and a started view: (spec, root, view, parent run id)."""
+    spec = write_space(tmp_path, name, uri)
     root = tmp_path / "study"
     open_study(spec, root)
-    view = MlflowView(root, spec, mlflow_server.uri)
-    parent_id = view.start()
+    view = MlflowView(root, spec, uri)
+    return spec, root, view, view.start()
+
+
+def test_study_layout(mlflow_server, tmp_path):
+    spec, root, view, parent_id = started(tmp_path, "layout", mlflow_server.uri)
     search = FakeSearch(root, spec, view)
     search.pruned.add("prune1")
     for ray_id in ("done1", "prune1", "fail1"):
@@ -232,11 +237,7 @@ def test_a_killed_driver_is_caught_up_once_without_duplicates(mlflow_server, tmp
 
 
 def test_the_parent_follows_the_winner_and_names_tell_an_interrupted_trial(mlflow_server, tmp_path):
-    spec = write_space(tmp_path, "winner", mlflow_server.uri)
-    root = tmp_path / "study"
-    open_study(spec, root)
-    view = MlflowView(root, spec, mlflow_server.uri)
-    parent_id = view.start()
+    spec, root, view, parent_id = started(tmp_path, "winner", mlflow_server.uri)
     search = FakeSearch(root, spec, view)
     client = MlflowClient(mlflow_server.uri)
     for ray_id, curve in (("a", [0.7, 0.6]), ("b", [0.5, 0.9]), ("c", [0.1, 0.2])):
@@ -318,11 +319,7 @@ def test_an_existing_experiment_opens_in_the_model_training_view(tmp_path):
 
 
 def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
-    spec = write_space(tmp_path, "seeds", mlflow_server.uri)
-    root = tmp_path / "study"
-    open_study(spec, root)
-    view = MlflowView(root, spec, mlflow_server.uri)
-    parent_id = view.start()
+    spec, root, view, parent_id = started(tmp_path, "seeds", mlflow_server.uri)
     client = MlflowClient(mlflow_server.uri)
     folder = root / "final" / "seed_7"
     folder.mkdir(parents=True)
@@ -433,23 +430,19 @@ def test_server_outage_is_caught_up_by_the_next_event_once_it_is_back(
     own_mlflow_server, tmp_path, caplog
 ):
     server = own_mlflow_server
-    spec = write_space(tmp_path, "outage", server.uri)
-    root = tmp_path / "study"
-    open_study(spec, root)
-    view = MlflowView(root, spec, server.uri)
-    parent_id = view.start()
+    spec, root, view, parent_id = started(tmp_path, "outage", server.uri)
     search = FakeSearch(root, spec, view)
     search.start("oa")
     search.epochs("oa", range(1))
     server.stop()
 
-    started = time.monotonic()
+    began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="tune.tracking"):
         search.epochs("oa", range(1, 2))
         search.end("oa")
         search.start("ob")  # its run cannot be created yet
         search.epochs("ob", range(1))
-    assert time.monotonic() - started < 60  # the events do not stall the search
+    assert time.monotonic() - began < 60  # the events do not stall the search
     assert "unreachable" in caplog.text
     assert not list(root.glob("*.json"))  # nothing is buffered outside the study's record
 
