@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dsanet.config import ExperimentConfig
-from dsanet.files import write_atomic
+from dsanet.files import json_text, write_atomic
 from dsanet.metrics import AP, AUC, MAP_AVG, MAP_AVG_CORRECTED
 from dsanet.plots import write_test_plots
 from dsanet.runs import load_run
@@ -70,7 +70,7 @@ def run_final_stage(
     configs = final_configs(best_config, study_dir, seeds)
     results = train_seeds(configs, spec, view)
     summary = seed_summary([results[s]["test"] for s in configs])
-    path, text = StudyFolder(study_dir).final_summary, json.dumps(summary, indent=1)
+    path, text = StudyFolder(study_dir).final_summary, json_text(summary)
     if not path.is_file() or path.read_text() != text:  # its time stamps the parent's metrics
         write_atomic(path, text)
     quiet_random_weights()  # the plots build a model in this process too

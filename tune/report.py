@@ -68,7 +68,7 @@ def _objective_plots(
     study: optuna.Study, spec: SpaceSpec, index: int, name: str, folder: Path, suffix: str
 ) -> None:
     maximize = study.directions[index] == optuna.study.StudyDirection.MAXIMIZE
-    best = best_trial(study) if len(study.directions) == 1 else _best_on(study, index)
+    best = _best_on(study, index)  # with one objective, best_trial's (ties: the lower number)
     curves = study_plots.learning_curves(study, index)
     path = folder / f"curves{suffix}.png"
     study_plots.draw_curves(curves, best and best.number, name, _rungs(spec), path)

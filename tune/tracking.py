@@ -595,8 +595,9 @@ def accepted_epochs(
     recorded with the epoch; a record without a time keeps the epoch's last line; an epoch
     without a line keeps the objective values Optuna holds.
     """
-    lines = {(line["epoch"], line["time"]): line for line in report_lines(reports)}
-    last = {line["epoch"]: line for line in report_lines(reports)}
+    written = report_lines(reports)
+    lines = {(line["epoch"], line["time"]): line for line in written}
+    last = {line["epoch"]: line for line in written}
     out = []
     for step, entry in sorted(epoch_records(trial).items()):
         epoch = step - 1
