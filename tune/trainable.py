@@ -145,6 +145,7 @@ def append_report(out_dir: Path, record: dict[str, float], marks: dict | None = 
     line = {
         "epoch": int(record["epoch"]),
         "pid": os.getpid(),
+        "node": ray.util.get_node_ip_address() if ray.is_initialized() else "",  # which host
         "time": now,
         "seconds": record["seconds"],
         "resumed_at": -1,
