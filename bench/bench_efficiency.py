@@ -95,14 +95,14 @@ def curve(root: Path, name: str) -> list[float]:
     """Best validation AP so far after each epoch consumed, epochs in the order reported."""
     import optuna
 
-    from tune.layout import REPORTS_FILE, TRIALS_DIR
-    from tune.searcher import RAY_TRIAL_ATTR, epoch_records, storage_uri
+    from tune.layout import REPORTS_FILE, StudyFolder
+    from tune.searcher import epoch_records, storage_uri
 
     study = optuna.load_study(study_name=name, storage=storage_uri(root))
     events = []  # (report time, val AP)
     for trial in study.get_trials(deepcopy=False):
         records = epoch_records(trial)
-        path = root / TRIALS_DIR / trial.user_attrs[RAY_TRIAL_ATTR] / REPORTS_FILE
+        path = StudyFolder(root).trial_dir(trial.number) / REPORTS_FILE
         for line in map(json.loads, path.read_text().splitlines()):
             values = records.get(line["epoch"] + 1, {}).get("values", [float("nan")])
             events.append((line["time"], values[0]))

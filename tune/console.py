@@ -36,9 +36,9 @@ SUMMARY_EVERY_S = 30.0
 class Console(Callback):
     """Prints trial events and, at most every `every` seconds, a one-line summary.
 
-    `pruned(trial_id)`: whether the scheduler stopped that trial early (StudyASHA.pruned);
+    `pruned(number)`: whether the scheduler stopped that Optuna trial early (StudyASHA.pruned);
     None without a scheduler that prunes. `rungs`: the epochs at which ASHA decides; `ray_dir`:
-    Ray's experiment folder, where a failed trial's `<ray id>/error.txt` is.
+    this driver run's Ray folder, where a failed trial's `<ray id>/error.txt` is.
     """
 
     def __init__(
@@ -79,7 +79,7 @@ class Console(Callback):
         select = next((k.removeprefix("best_") for k in result if k.startswith("best_")), "")
         entry = {"values": values, "select": float(result.get(select, math.nan))}
         self._epochs.setdefault(trial.trial_id, {})[int(step)] = entry
-        stopped = self._pruned is not None and self._pruned(trial.trial_id)
+        stopped = self._pruned is not None and self._pruned(trial.config.get(OPTUNA_KEY))
         # A prune is said when the trial ends, as is the last rung, max_t: it completes there.
         if int(step) in self._rungs and int(step) < self._max_t and not stopped:
             self._say(trial, f"kept at rung epoch {int(step)}: {self._values(values)}")
@@ -103,7 +103,7 @@ class Console(Callback):
             self._ended[trial.trial_id] = "complete"
             self._note_best(values[0], trial.config.get(OPTUNA_KEY, "?"))
             self._say(trial, f"complete after {done} epochs: {self._values(values)}")
-        elif self._pruned is not None and self._pruned(trial.trial_id):
+        elif self._pruned is not None and self._pruned(trial.config.get(OPTUNA_KEY)):
             self._ended[trial.trial_id] = "pruned"
             last = self._values(epochs[done]["values"]) if epochs else "no result"
             self._say(trial, f"pruned at epoch {done}: {last}")

@@ -2,27 +2,22 @@
 
 Everything that can be wrong with a space, its data or the study folder is found before Ray
 starts and printed as one `error: ...` (exit 2). A study lives in `<storage>/<name>/`: the Optuna
-database (ASHA's rungs are rebuilt from it), the resolved base config, the trials' folders,
-Ray's experiment (`ray/`) and, by default, MLflow's database. `--resume` continues it after any
-interruption.
+database (ASHA's rungs are rebuilt from it), the resolved base config, the trials' folders
+(each trial resumes from its own), Ray's logs (`ray/<run>/`, never read back) and, by default,
+MLflow's database. `--resume` continues it after any interruption, with a new Tuner.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from dsanet.config import ConfigError
-from dsanet.files import write_atomic
 from tune.layout import RAY_DIR, where
 from tune.plan import JOIN_FIX, Plan, describe, prepare
 from tune.space import SpaceError, SpaceSpec
@@ -188,123 +183,40 @@ def _outcome(plan: Plan, study: Any, view: Any) -> tuple[str, int]:
 
 
 def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> None:
+    """Run the trials the study lacks in a new Tuner: RUNNING trials of an interrupted run
+    first (the searcher adopts them, each continuing from its folder), then new ones. Ray's
+    own experiment state is never loaded: it is pickled, and a study folder may come from
+    someone else; the study folder holds all a resume needs."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from tune.searcher import finished_trials
-    from tune.trainable import STUDY_KEY, SlimFinishedCheckpoints, run_trial
+    from tune.trainable import STUDY_KEY, run_trial
 
     spec = plan.spec
+    remaining = spec.num_samples - len(finished_trials(study))
+    if remaining <= 0:
+        return
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    trainable = tune.with_resources(run_trial, resources)
-    param_space = {STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}}
-    search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
-    callbacks = [SlimFinishedCheckpoints(), view, _console(plan, scheduler)]  # slim first
-    restorable = plan.resume and _restorable(plan.ray_dir)
-    if restorable and not _started_here(plan.root):
-        restorable = False
-        aside = plan.folder.ray_set_aside(int(time.time()))
-        plan.ray_dir.rename(aside)
-        print(
-            f"warning: {plan.ray_dir} was not written by a driver of this user on this machine; "
-            f"Ray's state is pickled, and loading it could run code, so it was moved to "
-            f"{aside.name} unread. The study continues from its Optuna record: trials that were "
-            f"running start again",
-            file=sys.stderr,
-        )
-    _mark_started_here(plan.root)
-    if restorable:
-        # Errored trials were told FAIL to Optuna after Ray's retries: they stay errored.
-        tuner = tune.Tuner.restore(
-            str(plan.ray_dir), trainable, resume_unfinished=True, param_space=param_space
-        )
-        _use_this_run(tuner, search_alg, scheduler, callbacks)
-    else:  # new, or killed before Ray saved a trial: Optuna knows what is left
-        remaining = spec.num_samples - len(finished_trials(study))
-        if remaining <= 0:
-            return
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=remaining,
-                reuse_actors=True,  # a worker starts in seconds here; reuse it across trials
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=RAY_DIR,
-                storage_path=str(plan.root),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks,
-                verbose=0,  # tune/console.py prints the trials' progress
-            ),
-        )
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, resources),
+        param_space={STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+            scheduler=scheduler,
+            num_samples=remaining,
+            reuse_actors=True,  # a worker starts in seconds here; reuse it across trials
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.run,
+            storage_path=str(plan.root / RAY_DIR),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=[view, _console(plan, scheduler)],
+            verbose=0,  # tune/console.py prints the trials' progress
+        ),
+    )
     tuner.fit()
-
-
-def _started_here(root: Path) -> bool:
-    """Whether this user's driver on this machine ran the study in `root` (see `_ownership`)."""
-    return _ownership(root).is_file()
-
-
-def _mark_started_here(root: Path) -> None:
-    record = _ownership(root)
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(record, f"{root.resolve()}\n")
-    except OSError as exc:  # a read-only home: the study runs; a later --resume starts Ray anew
-        log.warning("could not record the study in %s (%s)", record, exc.strerror)
-
-
-def _ownership(root: Path) -> Path:
-    """A record outside the study folder, in this user's state folder, of a study it ran.
-
-    Tuner.restore unpickles Ray's experiment state, and a pickle runs whatever code it names. A
-    study folder may come from someone else (copied, shared), so Ray's state is loaded only from
-    a folder that a driver of this user started at this path; a record inside the folder would
-    travel with it.
-    """
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
-    return state / "dsanet" / "studies" / digest
-
-
-def _restorable(ray_dir: Path) -> bool:
-    """Whether Ray saved a readable experiment state with trials in it.
-
-    Tuner.restore raises IndexError on a state saved before the first trial, and a kill can cut
-    the newest state file; then the study restarts Ray's side from Optuna's record.
-    """
-    states = sorted(ray_dir.glob("experiment_state-*.json"))  # Ray restores the newest name
-    if not states or not (ray_dir / "tuner.pkl").is_file():
-        return False
-    try:
-        trials = json.loads(states[-1].read_text())["trial_data"]
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning(
-            "unreadable Ray state %s (%s): restarting from Optuna's record", states[-1], exc
-        )
-        return False
-    return bool(trials)
-
-
-def _use_this_run(tuner: Any, search_alg: Any, scheduler: Any, callbacks: list) -> None:
-    """Make a restored Tuner use this run's searcher, scheduler, callbacks and verbosity.
-
-    Tuner.restore runs with the TuneConfig and RunConfig pickled when the study first started:
-    a scheduler without the rungs rebuilt here, no MLflow view (a pickled one restores as a
-    callback that does nothing) and, for a study started by an older driver, Ray's status
-    table. Ray has no public way to replace them, hence the private fields.
-    """
-    internal = tuner._local_tuner
-    internal._tune_config.search_alg = search_alg
-    internal._tune_config.scheduler = scheduler
-    internal._run_config.callbacks = callbacks
-    internal._run_config.progress_reporter = None
-    internal._run_config.verbose = 0
 
 
 def _missing_resources(spec: SpaceSpec, have: dict[str, float]) -> str:
@@ -319,15 +231,13 @@ def _missing_resources(spec: SpaceSpec, have: dict[str, float]) -> str:
 
 
 def _trial_dirname(trial: Any) -> str:
-    return trial.trial_id  # <study>/ray/<id> next to <study>/trials/<id>
+    return trial.trial_id  # ray/<run>/<ray id>/, where a failed trial's error.txt is
 
 
 def _ray_environment() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials use absolute paths
     # Ray's classic output engine, which prints nothing at verbose=0 (tune/console.py does).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # With num_to_keep=1 Ray snapshots its state after every checkpoint: wanted, not a problem.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Ray's "may be a performance bottleneck" warnings: slow steps of a small local study
     # (a callback writing to MLflow, the searcher's SQLite) are expected, not actionable.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "1e9")

@@ -24,21 +24,20 @@ DATA_DIR = "data"  # the generated synthetic benchmark, for spaces with `synthet
 STUDY_DB = "optuna.db"  # the Optuna study (SQLite)
 MLFLOW_DB = "mlflow.db"  # the default MLflow tracking store (SQLite)
 MLFLOW_ARTIFACTS = "mlartifacts"  # the default store's artifact root, next to its file
-RAY_DIR = "ray"  # Ray Tune's experiment folder
-TRIALS_DIR = "trials"  # trials/<ray trial id>/ is a trial's train.out_dir
+RAY_DIR = "ray"  # ray/<run>/: Ray Tune's log of each driver run (never read back)
+TRIALS_DIR = "trials"  # trials/<optuna number>/ is a trial's train.out_dir
 FINAL_DIR = "final"  # final/seed_<n>/: the final-stage retrains
 FINAL_SUMMARY = "summary.json"  # final/summary.json: mean and std over the seeds
 REPORT_DIR = "report"  # report/<part>/: the files logged to the parent MLflow run
 REPORT_PARTS = ("space", "study", "best")  # the space, the search, the best model
 
 # ---------------------------------------------------------------------------- a trial's folder
-# One line per reported epoch: when, by which process, and what the trainer measured (the MLflow
-# view logs it); the first line after a (re)start also says when the trainable was entered
-# (bench/bench_search.py).
+# One line per reported epoch: when, by which process on which node, and what the trainer
+# measured (the MLflow view logs it); the first line after a (re)start also says when the
+# trainable was entered (bench/bench_search.py).
 REPORTS_FILE = "reports.jsonl"
-STAGE_DIR = ".checkpoint"  # hard links staged for Ray's checkpoint of the epoch
-PROGRESS_FILE = "progress.json"  # in each Ray checkpoint: {"epochs": epochs done}
-# dsanet.trainer's CHECKPOINT and BEST (not imported: the driver never imports torch).
+# dsanet.trainer's CHECKPOINT and BEST (not imported: the driver never imports torch). A trial
+# resumes from its own last.pt, so the study folder must be shared by every host of a cluster.
 STATE_FILES = ("last.pt", "best.pt")
 RUN_CONFIG = "config.yaml"  # dsanet.trainer's CONFIG
 RESULT_FILE = "result.json"  # dsanet.trainer's RESULT
@@ -83,16 +82,14 @@ class StudyFolder:
     def ray_dir(self) -> Path:
         return self.root / RAY_DIR
 
-    def ray_set_aside(self, stamp: int) -> Path:
-        """Where `--resume` moves, unread, a Ray state this user's driver did not write."""
-        return self.root / f"{RAY_DIR}.not-loaded-{stamp}"
-
     @property
     def trials_dir(self) -> Path:
         return self.root / TRIALS_DIR
 
-    def trial_dir(self, ray_id: str) -> Path:
-        return self.root / TRIALS_DIR / ray_id
+    def trial_dir(self, number: int) -> Path:
+        """The folder of Optuna trial `number`, whichever Ray trial runs it (a resumed study
+        runs an interrupted trial again under a new Ray id)."""
+        return self.root / TRIALS_DIR / str(int(number))
 
     @property
     def final_dir(self) -> Path:
@@ -128,9 +125,8 @@ def where(plan: Plan, view: str) -> str:
     return "\n".join(
         [
             "\nwhere things are:",
-            f"  ray results  {folder.ray_dir}  (Tune experiment; continue with --resume)",
-            f"  checkpoints  {folder.ray_dir}/<ray id>/checkpoint_*  (each trial's last epoch)",
-            f"  trials       {folder.trials_dir}/<ray id>/  (config.yaml, best.pt, {REPORTS_FILE})",
+            f"  trials       {folder.trials_dir}/<trial>/  (config.yaml, best.pt, {REPORTS_FILE})",
+            f"  ray logs     {plan.ray_dir}/<ray id>/  (this run's; error.txt of a failed trial)",
             f"  optuna       {folder.optuna_uri}  (study {plan.spec.name})",
             f"  mlflow       {redact(plan.tracking_uri)}  (experiment {experiment})",
             f"  view runs    {view}",

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,10 @@ class Plan:
     tracking_uri: str
     data_note: str
     resume_command: str  # how to continue this study after an interruption
+    # This driver run's name: Ray Tune logs it under ray/<run>/ (each run is a new Tuner).
+    run: str = dataclasses.field(
+        default_factory=lambda: f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    )
 
     @property
     def folder(self) -> StudyFolder:
@@ -64,7 +69,8 @@ class Plan:
 
     @property
     def ray_dir(self) -> Path:
-        return self.folder.ray_dir
+        """Ray Tune's folder of this driver run: a failed trial's `<ray id>/error.txt`."""
+        return self.folder.ray_dir / self.run
 
 
 def prepare(args: argparse.Namespace, resume_command: str = "") -> Plan:

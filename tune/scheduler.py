@@ -1,13 +1,13 @@
 """The trial scheduler: ASHA whose rungs are rebuilt from the Optuna study, or plain FIFO.
 
-Ray does not save a scheduler's state: `Tuner.restore` builds it anew, so after a driver
+Ray does not save a scheduler's state, and a resumed study runs a new Tuner, so after a driver
 restart ASHA's rungs would be empty and resumed or new trials would be judged against nothing.
 The Optuna study already holds everything ASHA recorded: each trial's value of every epoch
-(user attribute `epochs`), its Ray trial id, and PRUNED for a trial ASHA stopped early. So the
-scheduler is built from the study: each trial's recorded epochs go, in order, through Ray's own
-rung bookkeeping (`_Bracket.on_result`), which gives the records a scheduler that saw those
-results live holds (a record depends only on the trial's own results, not on their order among
-trials). There is no second store to keep in step with Optuna.
+(user attribute `epochs`) and PRUNED for a trial ASHA stopped early. So the scheduler is built
+from the study: each trial's recorded epochs go, in order, through Ray's own rung bookkeeping
+(`_Bracket.on_result`), which gives the records a scheduler that saw those results live holds
+(a record depends only on the trial's own results, not on their order among trials). Rungs are
+keyed by Optuna number, not Ray trial id: an interrupted trial continues under a new Ray id.
 
 The study pins the scheduler settings it started with (`tune/searcher.py::open_study`), so a
 resume never rebuilds rungs at other epochs, on another metric or with another `max_t`.
@@ -18,20 +18,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from types import SimpleNamespace
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from tune.searcher import RAY_TRIAL_ATTR, STEP_KEY, epoch_records
+from tune.searcher import OPTUNA_KEY, STEP_KEY, epoch_records
 from tune.space import SchedulerSpec, SpaceSpec
 
 log = logging.getLogger(__name__)
 
 
 class StudyASHA(AsyncHyperBandScheduler):
-    """Single-bracket ASHA over epochs (`training_iteration`) on the first objective, its rungs
-    and stopped trials rebuilt from the study's trials (`history`)."""
+    """Single-bracket ASHA over epochs (`epochs_done`) on the first objective, its rungs and
+    stopped trials keyed by Optuna number and rebuilt from the study's trials (`history`)."""
 
     def __init__(
         self,
@@ -52,68 +53,76 @@ class StudyASHA(AsyncHyperBandScheduler):
             brackets=1,
             stop_last_trials=True,
         )
-        self._pruned: set[str] = set()  # trials ASHA stopped before max_t
+        self._pruned: set[int] = set()  # Optuna numbers of trials ASHA stopped before max_t
         self._rebuild(history)
 
     # ------------------------------------------------------------------ public
-    def pruned(self, trial_id: str) -> bool:
-        """Whether ASHA stopped this trial before max_t (Optuna PRUNED, not COMPLETE)."""
-        return trial_id in self._pruned
+    def pruned(self, number: int) -> bool:
+        """Whether ASHA stopped Optuna trial `number` before max_t (PRUNED, not COMPLETE)."""
+        return number in self._pruned
 
-    def rungs(self) -> list[tuple[float, dict[str, float]]]:
-        """(milestone in epochs, {trial id: sign-adjusted score}) from the last rung down."""
-        return [(milestone, dict(recorded)) for milestone, recorded in self._bracket._rungs]
+    def rungs(self) -> list[tuple[float, dict[int, float]]]:
+        """(milestone in epochs, {Optuna number: sign-adjusted score}) from the last rung down."""
+        return [(milestone, dict(recorded)) for milestone, recorded in self._bracket_rungs()]
 
     # ------------------------------------------------------------------ Ray hooks
+    # Ray's ASHA keys its records by `trial.trial_id`; each hook passes it the Optuna number.
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, _key(trial))
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if trial.trial_id in self._pruned:
-            return TrialScheduler.STOP  # stopped before a driver crash, replayed by the restore
-        action = super().on_trial_result(tune_controller, trial, result)
+        key = _key(trial)
+        if key.trial_id in self._pruned:
+            return TrialScheduler.STOP  # a replayed epoch of a trial stopped before
+        action = super().on_trial_result(tune_controller, key, result)
         if action == TrialScheduler.STOP and result.get(STEP_KEY, self._max_t) < self._max_t:
-            self._pruned.add(trial.trial_id)
+            self._pruned.add(key.trial_id)
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        if trial.trial_id in self._trial_info:  # one replayed after a restore may be unknown
-            super().on_trial_complete(tune_controller, trial, result)
+        key = _key(trial)
+        if key.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, key, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._trial_info.pop(trial.trial_id, None)
+        self._trial_info.pop(_key(trial).trial_id, None)
 
-    # ------------------------------------------------------------------ restore
-    @property
-    def _bracket(self):
-        return self._brackets[0]
+    # ------------------------------------------------------------------ rebuild
+    def _bracket_rungs(self) -> list[tuple[float, dict]]:
+        return self._brackets[0]._rungs
 
     def _rebuild(self, history: Iterable[optuna.trial.FrozenTrial]) -> None:
         """Record each trial's epochs as the running scheduler did: every result passes Ray's
         `_Bracket.on_result` once, in epoch order (the result at max_t through
-        `on_trial_complete`), with the first objective times the mode's sign. A trial adopted
-        by a new Ray trial after a driver crash is keyed by that Ray trial.
+        `on_trial_complete`), with the first objective times the mode's sign.
 
-        Why this hook exists: Ray never saves a scheduler's state; `Tuner.restore` builds the
-        scheduler anew, with empty rungs, and Ray has no API to set them.
+        Why this hook exists: Ray never saves a scheduler's state and has no API to set its
+        rungs; a resumed study's new Tuner would start ASHA with empty ones.
         """
         trials = 0
         for trial in history:
-            ray_id = trial.user_attrs.get(RAY_TRIAL_ATTR)
             epochs = epoch_records(trial)
-            if not ray_id or not epochs:
+            if not epochs:
                 continue
             trials += 1
-            stand_in = SimpleNamespace(trial_id=ray_id)  # on_result reads only trial_id
+            stand_in = SimpleNamespace(trial_id=trial.number)  # on_result reads only that
             for step in sorted(epochs):
                 score = self._metric_op * float(epochs[step]["values"][0])
-                self._bracket.on_result(stand_in, step, score)
+                self._brackets[0].on_result(stand_in, step, score)
             if trial.state == TrialState.PRUNED:
-                self._pruned.add(ray_id)
+                self._pruned.add(trial.number)
         if trials:
             log.info(
                 "ASHA's rungs rebuilt from %d trials of the Optuna study: %d records, %d pruned",
                 trials,
-                sum(len(recorded) for _, recorded in self._bracket._rungs),
+                sum(len(recorded) for _, recorded in self._bracket_rungs()),
                 len(self._pruned),
             )
+
+
+def _key(trial: Any) -> SimpleNamespace:
+    """What Ray's ASHA code sees of a Ray trial: its Optuna number as the trial id."""
+    return SimpleNamespace(trial_id=int(trial.config[OPTUNA_KEY]))
 
 
 def build_scheduler(spec: SpaceSpec, study: optuna.Study | None = None) -> TrialScheduler:

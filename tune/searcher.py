@@ -5,8 +5,8 @@ one intermediate value per epoch, and how it ended. A trial that reaches `max_t`
 COMPLETE with its objective values at the epoch the trainer selects (the best epoch of its
 selection metric, i.e. the `best.pt` weights); one that the scheduler stops earlier is told
 PRUNED; one that errors after Ray's retries is told FAIL. A trial interrupted with the driver is
-left RUNNING and carried on by `--resume` (or adopted by the next new trial when Ray lost it:
-it keeps its Optuna number, which is what its MLflow run is found by).
+left RUNNING: the next driver's searcher hands it out again before asking for a new one (it
+keeps its Optuna number, which its folder and its MLflow run are found by).
 
 The per-epoch records are also what ASHA's rungs are rebuilt from (`tune/scheduler.py`), so the
 study keeps the scheduler settings it started with and refuses other ones on a resume.
@@ -14,7 +14,6 @@ study keeps the scheduler settings it started with and refuses other ones on a r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import uuid
@@ -27,7 +26,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from dsanet.errors import brief
-from tune.layout import StudyFolder
+from tune.layout import STATE_FILES, StudyFolder
 from tune.space import SearcherSpec, SpaceSpec, sample
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ STUDY_ID_ATTR = "study_id"  # a random id fixed at creation: the study's runs in
 POINTS_ATTR = "points_enqueued"
 SIZE_ATTR = "num_samples"  # the study's planned trial count, fixed when it starts
 SCHEDULER_ATTR = "scheduler"  # the scheduler settings, fixed when it starts (scheduler_settings)
-STEP_KEY = "training_iteration"  # epochs completed: one report per epoch, restored with checkpoints
+STEP_KEY = "epochs_done"  # result key: epochs completed (ASHA's time; the epochs attr's key)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -51,12 +50,17 @@ def storage_uri(study_dir: Path) -> str:
     return StudyFolder(study_dir).optuna_uri
 
 
-def open_study(spec: SpaceSpec, study_dir: Path) -> optuna.Study:
-    """Create or load the study of `spec` in `study_dir`; its directions must match the space."""
+def open_storage(study_dir: Path) -> optuna.storages.RDBStorage:
+    """The study folder's Optuna storage (SQLite; a writer waits up to 60 s for the lock)."""
     Path(study_dir).mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(
+    return optuna.storages.RDBStorage(
         storage_uri(study_dir), engine_kwargs={"connect_args": {"timeout": 60}}
     )
+
+
+def open_study(spec: SpaceSpec, study_dir: Path, storage: Any = None) -> optuna.Study:
+    """Create or load the study of `spec` in `study_dir`; its directions must match the space."""
+    storage = storage or open_storage(study_dir)
     directions = ["maximize" if mode == "max" else "minimize" for mode in spec.mode]
     study = optuna.create_study(
         study_name=spec.name,
@@ -156,7 +160,7 @@ def selected_values(epochs: Mapping[int, Mapping[str, Any]]) -> list[float]:
 class OptunaSearcher(Searcher):
     """Suggests from, and reports to, the Optuna study of a search space.
 
-    `pruned(trial_id)` says whether the scheduler stopped that Ray trial early; the searcher
+    `pruned(number)` says whether the scheduler stopped that Optuna trial early; the searcher
     cannot tell an ASHA stop from a finished trial otherwise.
     """
 
@@ -164,7 +168,7 @@ class OptunaSearcher(Searcher):
         self,
         spec: SpaceSpec,
         study_dir: Path,
-        pruned: Callable[[str], bool] | None = None,
+        pruned: Callable[[int], bool] | None = None,
     ) -> None:
         multi = len(spec.metric) > 1
         super().__init__(
@@ -177,19 +181,28 @@ class OptunaSearcher(Searcher):
         self._max_t = spec.scheduler.max_t
         self._trials: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._study: optuna.Study | None = None
+        self._storage: Any = None  # the study's, for reads of one trial
+        self._study_key = -1  # the study's id in the storage
         self._handles: dict[int, optuna.Trial] = {}
+        self._left: list[int] | None = None  # trials left RUNNING by an earlier driver
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_study=None, _handles={})  # reopened lazily; a DB connection can't travel
+        # Reopened lazily: a database connection cannot travel.
+        state.update(_study=None, _storage=None, _handles={})
         return state
 
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            self._study = open_study(self._spec, self._study_dir)
+            self._open()
         return self._study
+
+    def _open(self) -> None:
+        self._storage = open_storage(self._study_dir)
+        self._study = open_study(self._spec, self._study_dir, self._storage)
+        self._study_key = self._storage.get_study_id_from_name(self._spec.name)
 
     # ------------------------------------------------------------------ Ray hooks
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -207,9 +220,8 @@ class OptunaSearcher(Searcher):
         self._trials[trial_id] = trial.number
         self._handles[trial.number] = trial
         log.debug("Ray trial %s is Optuna trial %d: %s", trial_id, trial.number, params)
-        previous = orphan.user_attrs.get(RAY_TRIAL_ATTR) if orphan else None
-        if previous:
-            trial.set_user_attr(ADOPTED_ATTR, previous)
+        if orphan and RAY_TRIAL_ATTR in orphan.user_attrs:
+            trial.set_user_attr(ADOPTED_ATTR, orphan.user_attrs[RAY_TRIAL_ATTR])
         return {**params, OPTUNA_KEY: trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -219,9 +231,18 @@ class OptunaSearcher(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        self._tell(trial_id, result, error)
+        number = self._trials.get(trial_id)
+        if number is not None and self._frozen(number).state.is_finished():
+            # Only a trial still RUNNING in Optuna resumes: the rest need no optimizer state.
+            (StudyFolder(self._study_dir).trial_dir(number) / STATE_FILES[0]).unlink(
+                missing_ok=True
+            )
+
+    def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
         number = self._trials.get(trial_id)
         if number is None or self._frozen(number).state.is_finished():
-            return  # not ours, or already told (a trial replayed after a restore)
+            return  # not ours, or already told
         # Debug lines: the driver's console (tune/console.py) prints each of these endings.
         if error:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
@@ -233,7 +254,7 @@ class OptunaSearcher(Searcher):
         done = max(epochs, default=0)
         if done >= self._max_t:
             self._tell_complete(number, epochs)
-        elif self._pruned is not None and self._pruned(trial_id):
+        elif self._pruned is not None and self._pruned(number):
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             log.debug("Optuna trial %d (Ray %s): PRUNED after %d epochs", number, trial_id, done)
         else:
@@ -247,18 +268,8 @@ class OptunaSearcher(Searcher):
             )
 
     def save(self, checkpoint_path: str) -> None:
-        # JSON, not pickle: a study folder may come from someone else.
-        Path(checkpoint_path).write_text(json.dumps({"trials": self._trials}))
-
-    def restore(self, checkpoint_path: str) -> None:
-        try:
-            trials = json.loads(Path(checkpoint_path).read_text())["trials"]
-            self._trials = {str(k): int(v) for k, v in trials.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(
-                f"{checkpoint_path}: the searcher's saved state cannot be read ({exc}); the "
-                f"study folder is damaged"
-            ) from exc
+        """Nothing to save: the Optuna study is this searcher's state, and a driver never
+        restores Ray's (a resumed study starts a new Tuner that adopts the RUNNING trials)."""
 
     # ------------------------------------------------------------------ internals
     def _enqueue_points(self) -> None:
@@ -271,18 +282,21 @@ class OptunaSearcher(Searcher):
         study.set_user_attr(POINTS_ATTR, True)
 
     def _orphan(self) -> optuna.trial.FrozenTrial | None:
-        """A RUNNING trial no Ray trial owns: asked by a driver that died before Ray saved it."""
-        owned = set(self._trials.values())
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        orphans = [t for t in running if t.number not in owned]
-        if not orphans:
+        """The next trial an interrupted driver left RUNNING, to run again before any new one.
+        They are listed once, when this searcher first asks: every trial that becomes RUNNING
+        later is one of its own."""
+        if self._left is None:
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            self._left = [t.number for t in running]
+        if not self._left:
             return None
-        log.info("reusing Optuna trial %d left running by an interrupted run", orphans[0].number)
-        return orphans[0]
+        number = self._left.pop(0)
+        log.info("continuing Optuna trial %d, left running by an interrupted run", number)
+        return self._frozen(number)
 
     def _record(self, number: int, result: Mapping[str, Any]) -> None:
-        """Store one epoch's objective values (once per epoch, so replays after a restore
-        add nothing)."""
+        """Store one epoch's objective values (once per epoch, so a restarted trial's replay
+        adds nothing)."""
         step = result.get(STEP_KEY)
         if step is None or any(m not in result for m in self._spec.metric):
             return
@@ -313,12 +327,18 @@ class OptunaSearcher(Searcher):
 
     def _handle(self, number: int) -> optuna.Trial:
         if number not in self._handles:
-            # Optuna addresses a live trial by its storage id, which FrozenTrial keeps private.
-            self._handles[number] = optuna.trial.Trial(self.study, self._frozen(number)._trial_id)
+            self._handles[number] = optuna.trial.Trial(self.study, self._trial_key(number))
         return self._handles[number]
 
     def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
-        return self.study.get_trials(deepcopy=False)[number]
+        """One trial from the storage: its cost does not grow with the study."""
+        return self._storage.get_trial(self._trial_key(number))
+
+    def _trial_key(self, number: int) -> int:
+        """The storage's id of trial `number` (what Optuna addresses a live trial by)."""
+        if self._storage is None:
+            self._open()
+        return self._storage.get_trial_id_from_study_id_trial_number(self._study_key, number)
 
 
 def _finite(value: Any) -> bool:

@@ -3,7 +3,7 @@
 The study folder is the record; MLflow only shows it. `MlflowView.sync` writes what the folder
 holds and MLflow lacks, and nothing else:
 - a trial's run from its Optuna trial (state, parameters, which epochs were accepted) and its
-  `trials/<ray id>/reports.jsonl` (everything the trainer measured in each epoch);
+  `trials/<number>/reports.jsonl` (everything the trainer measured in each epoch);
 - a final seed's run from `final/seed_<n>/`: its `config.yaml` once it starts, each epoch from
   its `reports.jsonl` as it trains, its `result.json` when done;
 - the parent run from the space, the Optuna study's best trial, `final/summary.json` and the
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -50,7 +49,6 @@ from dsanet.files import link_atomic, write_atomic
 from tune.layout import (
     MLFLOW_ARTIFACTS,
     REPORT_PARTS,
-    REPORTS_FILE,
     RESULT_FILE,
     RUN_CONFIG,
     STATE_FILES,
@@ -59,8 +57,16 @@ from tune.layout import (
 )
 from tune.plan import PROTOCOL_NOTES
 from tune.report import best_of
-from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records, kept_step
+from tune.searcher import (
+    OPTUNA_KEY,
+    RAY_TRIAL_ATTR,
+    STUDY_ID_ATTR,
+    epoch_records,
+    kept_step,
+    open_storage,
+)
 from tune.space import SpaceSpec, trial_config
+from tune.trainable import report_lines
 
 __all__ = ["PARENT", "RUN_STATUS", "MlflowView", "TrackingUnavailable"]
 
@@ -143,8 +149,9 @@ class MlflowView(Callback):
         self._outage_since: float | None = None
         self._warned = 0.0
 
-    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles callbacks; a restore replaces them
-        return (_Detached, ())
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles a Tuner's callbacks into ray/<run>/, never read back: a stand-in.
+        return (Callback, ())
 
     @property
     def parent_run_id(self) -> str:
@@ -372,11 +379,11 @@ class MlflowView(Callback):
         trial = self._frozen(number)
         ray_id = str(trial.user_attrs.get(RAY_TRIAL_ATTR, ""))
         tags = {TAG_STAGE: "search", "dsanet.optuna_trial": str(number)}
-        folder = self.folder.trial_dir(ray_id)
+        folder = self.folder.trial_dir(number)
         params = lambda: self._params(trial, folder)  # noqa: E731  (only built for a new run)
         key = f"trial/{number}"
         run = self._run(key, params, tags)
-        epochs = accepted_epochs(trial, folder / REPORTS_FILE, self.spec.metric)
+        epochs = accepted_epochs(trial, folder, self.spec.metric)
         records = epoch_records(trial)
         metrics = [
             Metric(name, value, stamp, epoch)
@@ -442,9 +449,7 @@ class MlflowView(Callback):
     def _open_stores(self) -> None:
         """Open the Optuna study, find or create the experiment, read the study's runs once."""
         # Its own storage, uncached: each read sees what the searcher has just written.
-        self._storage = optuna.storages.RDBStorage(
-            self.folder.optuna_uri, engine_kwargs={"connect_args": {"timeout": 60}}
-        )
+        self._storage = open_storage(self.root)
         self._study = self._storage.get_study_id_from_name(self.spec.name)
         self.study_id = str(self._storage.get_study_user_attrs(self._study)[STUDY_ID_ATTR])
         name = self.spec.mlflow.experiment or self.spec.name
@@ -580,13 +585,8 @@ class MlflowView(Callback):
         write_atomic(folder / "base_config.yaml", self.spec.base.to_yaml())
 
 
-class _Detached(Callback):
-    """What an MlflowView unpickles to (Tuner.restore): it does nothing. The driver replaces
-    the restored callbacks with the ones of this run (see tune.driver)."""
-
-
 def accepted_epochs(
-    trial: FrozenTrial, reports: Path, objectives: Sequence[str]
+    trial: FrozenTrial, folder: Path, objectives: Sequence[str]
 ) -> list[tuple[int, int, dict[str, float]]]:
     """(epoch, report time in ms, numbers measured) of each epoch Optuna holds for `trial`.
 
@@ -595,7 +595,7 @@ def accepted_epochs(
     recorded with the epoch; a record without a time keeps the epoch's last line; an epoch
     without a line keeps the objective values Optuna holds.
     """
-    written = report_lines(reports)
+    written = report_lines(folder)
     lines = {(line["epoch"], line["time"]): line for line in written}
     last = {line["epoch"]: line for line in written}
     out = []
@@ -612,26 +612,12 @@ def accepted_epochs(
     return out
 
 
-def report_lines(path: Path) -> list[dict[str, Any]]:
-    """The lines of a `reports.jsonl` (`tune.trainable.append_report`) with an int `epoch`, a
-    float `time` and a dict of `metrics`, in the order written; damaged lines are skipped."""
-    lines = []
-    if path.is_file():
-        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-                line = json.loads(text)
-                line.update(epoch=int(line["epoch"]), time=float(line["time"]))
-                if isinstance(line["metrics"], dict):
-                    lines.append(line)
-    return lines
-
-
 def _seed_rows(folder: Path) -> list[tuple[int, int, dict[str, Any]]]:
     """(epoch, time in ms, numbers) of a final seed: one row per line of its reports; once its
     result.json exists, also the epochs of its history the reports lack (a kill between the
     checkpoint and the line; a seed trained before seeds wrote reports) and its test metrics
     at step 0, stamped with the file's time."""
-    lines = {line["epoch"]: line for line in report_lines(folder / REPORTS_FILE)}
+    lines = {line["epoch"]: line for line in report_lines(folder)}
     rows = [(e, int(line["time"] * 1000), line["metrics"]) for e, line in sorted(lines.items())]
     result_file = folder / RESULT_FILE
     if result_file.is_file():

@@ -1,23 +1,24 @@
 """The one bridge from a Ray Tune trial to dsanet: sampled parameters -> config -> `fit`.
 
-Each epoch is reported once with a checkpoint (hard links to the trainer's `last.pt`, `best.pt`
-and `config.yaml`, plus the epoch count). Ray's checkpoint is the truth on a restart: the
-trial's folder is reset to it (or emptied when there is none) before `fit(resume=True)`
-continues, so a restart repeats at most the epoch Ray had not yet registered, and the searcher,
-ASHA and the MLflow view each record an epoch once. Workers are reused between trials
-(function trainables allow it when the last trial's thread ends within Ray's 2 s), keep the
-memory-mapped feature cache open, run `resources.cpu` torch threads and cap a fractional GPU
-share. Inside a trial only `ray.tune.report/get_checkpoint/get_context/Checkpoint` are used.
+A trial trains in `trials/<optuna number>/` and resumes from that folder's `last.pt`, whichever
+Ray trial runs it and on whichever host: a retry after a lost worker or node, and a `--resume`
+after a lost driver, both carry on where the folder is (a cluster shares the study folder).
+Ray holds no checkpoint and no state of ours. On a (re)start the trainable first reports again
+each epoch that `last.pt` holds (`_Reporter.replay`); the searcher, ASHA and the MLflow view
+keep the first report of an epoch and ignore repeats, so an epoch trained but never received by
+the driver (a kill between the checkpoint and its report) is recorded once, and no epoch is
+trained twice. Workers are reused between trials (function trainables allow it when the last
+trial's thread ends within Ray's 2 s), keep the memory-mapped feature cache open, run
+`resources.cpu` torch threads and cap a fractional GPU share. Inside a trial only
+`ray.tune.report/get_context` are used.
 """
 
 from __future__ import annotations
 
 import atexit
-import filecmp
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -25,20 +26,10 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune import Callback
 
 from dsanet.config import ExperimentConfig
-from dsanet.files import link_atomic, link_or_copy
-from tune.layout import (
-    PROGRESS_FILE,
-    REPORTS_FILE,
-    RUN_CONFIG,
-    STAGE_DIR,
-    STATE_FILES,
-    StudyFolder,
-    read_base,
-)
-from tune.searcher import OPTUNA_KEY, REPORTED_KEY
+from tune.layout import REPORTS_FILE, STATE_FILES, StudyFolder, read_base
+from tune.searcher import OPTUNA_KEY, REPORTED_KEY, STEP_KEY
 from tune.space import sampled_values
 
 log = logging.getLogger(__name__)
@@ -53,25 +44,25 @@ def run_trial(config: dict[str, Any]) -> None:
     entered = time.time()
     from dsanet.trainer import fit  # torch stays out of the driver, which only schedules
 
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # per epoch
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id():  # not in tests
         worker_logging()
-    out_dir = StudyFolder(config[STUDY_KEY]["dir"]).trial_dir(tune.get_context().get_trial_id())
+    number, folder = config[OPTUNA_KEY], StudyFolder(config[STUDY_KEY]["dir"])
+    if not folder.base_yaml.is_file():  # the driver wrote it before Ray started
+        raise FileNotFoundError(
+            f"the study folder {folder.root} is not visible on this node ({_node() or 'local'}): "
+            f"on a cluster, storage_path must be a shared file system mounted at the same path "
+            f"on every node"
+        )
+    out_dir = folder.trial_dir(number)
     cfg = read_trial_config(config, out_dir)
-    resumed_at = _reset_to_checkpoint(out_dir)
-    slimmed = resumed_at > 0 and not (out_dir / STATE_FILES[0]).is_file()
-    if slimmed or resumed_at >= config[STUDY_KEY]["max_t"]:
-        return  # it had finished, but a crash kept that from Ray's last snapshot
+    reporter = _Reporter(out_dir, {"out_dir": str(out_dir), "optuna_trial": number}, entered)
+    if reporter.replay() >= config[STUDY_KEY]["max_t"]:
+        return  # it had finished, but the driver that ran it ended before it was told
     gpu_share = _claim_resources()
-    extras = {"out_dir": str(out_dir), "optuna_trial": config.get(OPTUNA_KEY, -1)}
     _running.add(threading.current_thread())
     try:
-        reporter = _Reporter(out_dir, extras, resumed_at, entered)
         fit(cfg, reporter, resume=True, bundle=_bundle(cfg), test=False)  # test: final stage
     finally:
-        shutil.rmtree(out_dir / STAGE_DIR, ignore_errors=True)
-        # Ray's checkpoint holds the state now; the full-state copy here is 3x the weights.
-        (out_dir / STATE_FILES[0]).unlink(missing_ok=True)
         _release(gpu_share)
         _running.discard(threading.current_thread())
 
@@ -121,21 +112,42 @@ def read_trial_config(config: dict[str, Any], out_dir: Path) -> ExperimentConfig
 
 
 class _Reporter:
-    """fit's on_epoch_end: one `tune.report` per epoch with the trial folder's state."""
+    """fit's on_epoch_end: each epoch goes to the trial's reports.jsonl, then to Ray."""
 
-    def __init__(
-        self, out_dir: Path, extras: dict[str, Any], resumed_at: int, entered: float
-    ) -> None:
-        self.out_dir, self.extras = out_dir, extras
-        self.start = {"resumed_at": resumed_at, "entered": entered}
+    def __init__(self, out_dir: Path, extras: dict[str, Any], entered: float) -> None:
+        self.out_dir, self.extras, self.entered = out_dir, extras, entered
+        self.first = True  # the first line this (re)start writes carries its marks
 
     def __call__(self, record: dict[str, float], out_dir: Path) -> bool:
-        epoch, now = int(record["epoch"]), append_report(self.out_dir, record, self.start)
-        metrics = {**record, "epoch": epoch, **self.extras, REPORTED_KEY: now}
-        self.start = {}  # only the first report after a (re)start carries it
-        stage = _stage(out_dir, epochs_done=epoch + 1)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
+        self._report(record, None)
         return False  # the scheduler stops trials; fit runs to train.epochs otherwise
+
+    def replay(self) -> int:
+        """Report again every epoch the folder's `last.pt` holds, each with the time of its
+        line in reports.jsonl (a line is written for an epoch that has none); return how many
+        epochs that is (0 for a new trial)."""
+        path = self.out_dir / STATE_FILES[0]
+        if not path.is_file():
+            return 0
+        import torch
+
+        from dsanet.trainer import load_checkpoint
+
+        history = load_checkpoint(path, torch.device("cpu"))["history"]
+        written = {line["epoch"]: line["time"] for line in report_lines(self.out_dir)}
+        for record in history:
+            self._report(record, written.get(int(record["epoch"])))
+        log.info("trial %s resumes from its last.pt after %d epochs", self.out_dir, len(history))
+        return len(history)
+
+    def _report(self, record: dict[str, float], written_at: float | None) -> None:
+        epoch = int(record["epoch"])
+        if written_at is None:
+            marks = {"resumed_at": epoch, "entered": self.entered} if self.first else None
+            written_at, self.first = append_report(self.out_dir, record, marks), False
+        tune.report(
+            {**record, "epoch": epoch, STEP_KEY: epoch + 1, **self.extras, REPORTED_KEY: written_at}
+        )
 
 
 def append_report(out_dir: Path, record: dict[str, float], marks: dict | None = None) -> float:
@@ -145,7 +157,7 @@ def append_report(out_dir: Path, record: dict[str, float], marks: dict | None = 
     line = {
         "epoch": int(record["epoch"]),
         "pid": os.getpid(),
-        "node": ray.util.get_node_ip_address() if ray.is_initialized() else "",  # which host
+        "node": _node(),  # which host trained it
         "time": now,
         "seconds": record["seconds"],
         "resumed_at": -1,
@@ -157,75 +169,25 @@ def append_report(out_dir: Path, record: dict[str, float], marks: dict | None = 
     return now
 
 
-class SlimFinishedCheckpoints(Callback):
-    """Disk hygiene when a trial ends: one copy of its weights instead of three.
-
-    Drops `last.pt` (optimizer state included) from the trial's Ray checkpoint: only a running
-    trial resumes from it; `best.pt`, `config.yaml` and the epoch count stay. A trial restored
-    from such a checkpoint (Ray's snapshot lagging a crash) just ends. The trial folder's
-    `best.pt`, a byte-identical copy of the checkpoint's, becomes a hard link to it (the MLflow
-    view, after this callback, links its artifact to the same file where it can).
-    """
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        checkpoint = trial.checkpoint
-        if checkpoint is None or not Path(checkpoint.path).is_dir():  # remote storage
-            return
-        saved = Path(checkpoint.path)
-        (saved / STATE_FILES[0]).unlink(missing_ok=True)
-        study = (trial.config or {}).get(STUDY_KEY) or {}
-        if "dir" in study:
-            out_dir = StudyFolder(study["dir"]).trial_dir(trial.trial_id)
-            share_file(saved / STATE_FILES[1], out_dir / STATE_FILES[1])
+def _node() -> str:
+    """This process's Ray node IP ("" outside Ray)."""
+    return ray.util.get_node_ip_address() if ray.is_initialized() else ""
 
 
-def share_file(source: Path, copy: Path) -> bool:
-    """Replace `copy` by a hard link to `source` when both hold the same bytes (True if done).
-
-    Files here are written once (the trainer replaces its files atomically), so a shared inode
-    never sees a change; on different filesystems, or with different bytes, nothing happens.
-    """
-    try:
-        if copy.samefile(source):
-            return True
-        if not filecmp.cmp(source, copy, shallow=False):
-            return False
-    except OSError:  # either file missing
-        return False
-    return link_atomic(source, copy)
-
-
-def _stage(out_dir: Path, epochs_done: int) -> Path:
-    """A folder of hard links to the files a checkpoint needs (Ray copies it in report)."""
-    stage = out_dir / STAGE_DIR
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    for name in (*STATE_FILES, RUN_CONFIG):
-        if (out_dir / name).is_file():
-            link_or_copy(out_dir / name, stage / name)
-    (stage / PROGRESS_FILE).write_text(json.dumps({"epochs": epochs_done}))
-    return stage
-
-
-def _reset_to_checkpoint(out_dir: Path) -> int:
-    """Make the trial folder hold exactly Ray's checkpoint; the epochs it had done (0: none).
-
-    A folder left by a killed attempt may be ahead of what Ray recorded; resuming from it
-    would skip reports that the scheduler, Optuna and MLflow never received.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in STATE_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder:
-        for name in STATE_FILES:
-            if (Path(folder) / name).is_file():
-                link_or_copy(Path(folder) / name, out_dir / name)
-        done = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epochs"]
-    log.info("trial %s resumes from Ray's checkpoint after %d epochs", out_dir.name, done)
-    return done
+def report_lines(folder: Path) -> list[dict[str, Any]]:
+    """The lines of `folder/reports.jsonl` (`append_report`) with an int `epoch`, a float
+    `time` and a dict of `metrics`, in the order written; damaged lines are skipped."""
+    lines, path = [], folder / REPORTS_FILE
+    if path.is_file():
+        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                line = json.loads(text)
+                line.update(epoch=int(line["epoch"]), time=float(line["time"]))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            if isinstance(line["metrics"], dict):
+                lines.append(line)
+    return lines
 
 
 def _claim_resources() -> float:

@@ -37,7 +37,7 @@ def test_each_trial_event_is_one_line_with_its_optuna_number_and_ray_id(tmp_path
     spec = make_spec(tmp_path)
     max_t = spec.scheduler.max_t
     rungs = [1, max_t]  # at max_t the trial completes: no "kept" line there
-    console = Console(spec, pruned=lambda ray_id: ray_id == "r_p", rungs=rungs, clock=Clock())
+    console = Console(spec, pruned=lambda number: number == 4, rungs=rungs, clock=Clock())
     done, pruned = trial(spec, 3, "r_c"), trial(spec, 4, "r_p")
     for t in (done, pruned):
         console.on_trial_start(0, [done, pruned], t)

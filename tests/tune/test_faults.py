@@ -41,20 +41,21 @@ EPOCHS = 5
 
 
 @pytest.mark.slow
-def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, xd_small, local_ray):
+def test_killed_trial_worker_is_retried_from_its_folder(tmp_path, xd_small, local_ray):
     from mlflow import MlflowClient
 
     space = one_trial_space(tmp_path, xd_small, EPOCHS)
     root, killed = tmp_path / "studies" / "t", []
 
+    ended = threading.Event()
+
     def kill_the_worker_mid_epoch() -> None:
         """SIGKILL the trial's worker (its PID is in the trial's reports) after epoch 2."""
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
+        while not ended.is_set() and not killed:
             trial_dirs = list((root / "trials").glob("*"))
             lines = reports(root, trial_dirs[0].name) if trial_dirs else []
             if len(lines) >= 2:
-                time.sleep(1.0)  # the driver registers the checkpoint; the next epoch runs
+                time.sleep(1.0)  # into the next epoch
                 killed.append(lines[-1]["pid"])
                 os.kill(lines[-1]["pid"], signal.SIGKILL)
             time.sleep(0.1)
@@ -64,6 +65,7 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, xd_sm
     try:
         assert main(["--space", str(space), "--final-seeds", "0"]) == 0
     finally:
+        ended.set()  # however long the study took (a loaded machine trains slowly)
         killer.join(timeout=5)
     assert killed, "the trial's worker was never killed"
 

@@ -21,9 +21,8 @@ def test_the_names_on_disk_never_change(tmp_path: Path):
         folder.optuna_db: "optuna.db",
         folder.mlflow_db: "mlflow.db",
         folder.ray_dir: "ray",
-        folder.ray_set_aside(1700000000): "ray.not-loaded-1700000000",
         folder.trials_dir: "trials",
-        folder.trial_dir("abc_00001"): "trials/abc_00001",
+        folder.trial_dir(12): "trials/12",
         folder.final_dir: "final",
         folder.seed_dir(7): "final/seed_7",
         folder.final_summary: "final/summary.json",
@@ -34,8 +33,7 @@ def test_the_names_on_disk_never_change(tmp_path: Path):
     assert {str(p.relative_to(tmp_path)): name for p, name in paths.items()} == {
         n: n for n in paths.values()
     }
-    trial = (layout.REPORTS_FILE, layout.STAGE_DIR, layout.PROGRESS_FILE, layout.STATE_FILES)
-    assert trial == ("reports.jsonl", ".checkpoint", "progress.json", ("last.pt", "best.pt"))
+    assert (layout.REPORTS_FILE, layout.STATE_FILES) == ("reports.jsonl", ("last.pt", "best.pt"))
     assert (layout.RUN_CONFIG, layout.MLFLOW_ARTIFACTS) == ("config.yaml", "mlartifacts")
 
 
@@ -77,9 +75,11 @@ def test_read_base_reads_what_the_driver_wrote(tmp_path: Path):
 
 def test_where_names_the_folders_and_masks_the_tracking_uri(tmp_path: Path):
     spec = SimpleNamespace(name="demo", mlflow=SimpleNamespace(experiment="dsanet-demo"))
+    run = tmp_path / "ray" / "run-1"
     plan = SimpleNamespace(root=tmp_path, spec=spec, tracking_uri="http://me:pw@host:5000")
+    plan.ray_dir = run
     text = where(plan, "mlflow ui")
     assert "pw" not in text and "http://***@host:5000" in text
-    assert f"{tmp_path / 'ray'}  (Tune experiment" in text
-    assert f"{tmp_path / 'trials'}/<ray id>/" in text and "reports.jsonl" in text
+    assert f"{run}/<ray id>/  (this run's; error.txt" in text
+    assert f"{tmp_path / 'trials'}/<trial>/" in text and "reports.jsonl" in text
     assert f"sqlite:///{tmp_path.resolve() / 'optuna.db'}  (study demo)" in text

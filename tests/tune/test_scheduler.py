@@ -16,7 +16,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray_fixtures import MAX_T, write_space
 
 from tune.scheduler import StudyASHA, build_scheduler, rung_epochs
-from tune.searcher import RAY_TRIAL_ATTR, OptunaSearcher
+from tune.searcher import OPTUNA_KEY, RAY_TRIAL_ATTR, STEP_KEY, OptunaSearcher
 from tune.space import load_space
 
 FAKE_DATA = {"lists": Path("/nowhere/lists"), "features": Path("/nowhere/f"), "cache": Path("/c")}
@@ -31,7 +31,7 @@ def make_spec(tmp_path: Path, mode: str = "max", reduction_factor: float = 2.0, 
 
 def result(epoch: int, value: float) -> dict:
     """A flattened Tune result (epoch: epochs completed); val_ap is also the selection metric."""
-    return {"training_iteration": epoch, "val_ap": value, "val_auc": 0.5, "best_val_ap": value}
+    return {STEP_KEY: epoch, "val_ap": value, "val_auc": 0.5, "best_val_ap": value}
 
 
 class Driver:
@@ -42,8 +42,8 @@ class Driver:
         self.trials: dict[str, Trial] = {}
 
     def add(self, trial_id: str) -> Trial:
-        trial = Trial("run_trial", trial_id=trial_id, stub=True)
-        self.searcher.suggest(trial_id)
+        config = self.searcher.suggest(trial_id)
+        trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
         self.scheduler.on_trial_add(None, trial)
         self.trials[trial_id] = trial
         return trial
@@ -73,20 +73,23 @@ def asha_of(spec, history=()) -> StudyASHA:
     )
 
 
-def independent_rungs(spec, study) -> dict[float, dict[str, float]]:
+def independent_rungs(spec, study) -> dict[float, dict[int, float]]:
     """The rungs by hand: a trial's record at a milestone is its first-objective value (negated
     for min) at the first epoch that reaches the milestone, passing no higher unrecorded one."""
     sign = 1.0 if spec.mode[0] == "max" else -1.0
     milestones = rung_epochs(spec.scheduler)
-    rungs: dict[float, dict[str, float]] = {m: {} for m in milestones}
+    rungs: dict[float, dict[int, float]] = {m: {} for m in milestones}
     for trial in study.trials:
         epochs = {int(k): v["values"][0] for k, v in trial.user_attrs.get("epochs", {}).items()}
         for epoch in sorted(epochs):
-            ray_id = trial.user_attrs[RAY_TRIAL_ATTR]
-            reached = [m for m in milestones if m <= epoch and ray_id not in rungs[m]]
+            reached = [m for m in milestones if m <= epoch and trial.number not in rungs[m]]
             if reached:
-                rungs[max(reached)][ray_id] = sign * epochs[epoch]
+                rungs[max(reached)][trial.number] = sign * epochs[epoch]
     return rungs
+
+
+def numbers(driver: Driver) -> dict[str, int]:
+    return {ray_id: t.config[OPTUNA_KEY] for ray_id, t in driver.trials.items()}
 
 
 @pytest.mark.parametrize("mode, reduction_factor", [("max", 2.0), ("min", 2.0), ("max", 1.5)])
@@ -118,8 +121,8 @@ def test_rungs_rebuilt_from_optuna_equal_the_live_ones(tmp_path, mode, reduction
     assert rebuilt.rungs() == live.rungs()
     assert {m: r for m, r in rebuilt.rungs()} == independent_rungs(spec, study)
     assert sum(len(r) for _, r in rebuilt.rungs()) >= 8  # every trial has records
-    for trial_id in states:
-        assert rebuilt.pruned(trial_id) == live.pruned(trial_id) == (trial_id in ("bad", "late"))
+    for trial_id, number in numbers(driver).items():
+        assert rebuilt.pruned(number) == live.pruned(number) == (trial_id in ("bad", "late"))
 
 
 def test_a_rebuilt_scheduler_carries_on_where_the_live_one_stopped(tmp_path):
@@ -130,31 +133,29 @@ def test_a_rebuilt_scheduler_carries_on_where_the_live_one_stopped(tmp_path):
         driver.add(trial_id)
     driver.epochs("good", [0.9, 0.9, 0.9])
     assert driver.epochs("bad", [0.1]) == [TrialScheduler.STOP]
-    driver.epochs("cut", [0.6])
-    driver.searcher.save(str(tmp_path / "searcher.json"))  # Ray's last snapshot of the searcher
+    driver.epochs("cut", [0.6])  # then the driver dies
 
-    # A new driver: Ray restores its trials and replays; Optuna's record is all it has.
+    # --resume: a new Tuner with new Ray trial ids; Optuna's record is all it has.
     resumed = build_scheduler(spec, driver.searcher.study)
     twin = asha_of(spec, driver.searcher.study.trials)
     assert resumed.rungs() == twin.rungs() == live.rungs()
     after = Driver(OptunaSearcher(spec, tmp_path / "study", pruned=resumed.pruned), resumed)
-    after.searcher.restore(str(tmp_path / "searcher.json"))
-    for trial_id, trial in driver.trials.items():  # the trials Ray restores
-        after.trials[trial_id] = trial
-        resumed.on_trial_add(None, trial)
-    # A replayed result of a pruned trial is stopped again; the cut trial goes on from epoch 2.
-    assert resumed.on_trial_result(None, driver.trials["bad"], result(2, 0.95)) == "STOP"
-    assert after.epochs("cut", [0.95, 0.95], first=2) == ["CONTINUE", "STOP"]
+    after.add("cut again")  # the trial left running is adopted first, under its number
+    assert numbers(after)["cut again"] == numbers(driver)["cut"]
+    # Its folder holds epoch 1: it is reported again (kept once), then training goes on.
+    assert after.epochs("cut again", [0.6, 0.95, 0.95]) == ["CONTINUE", "CONTINUE", "STOP"]
+    assert sum(numbers(driver)["cut"] in records for _, records in resumed.rungs()) == 2
     # A new trial meets the old rungs: below the records of epoch 1 it is stopped there.
     after.add("new")
     assert after.epochs("new", [0.2]) == [TrialScheduler.STOP]
-    states = {t.user_attrs[RAY_TRIAL_ATTR]: t.state for t in after.searcher.study.trials}
+    states = {t.number: t.state for t in after.searcher.study.trials}
     assert states == {
-        "good": TrialState.COMPLETE,
-        "bad": TrialState.PRUNED,
-        "cut": TrialState.COMPLETE,
-        "new": TrialState.PRUNED,
+        numbers(driver)["good"]: TrialState.COMPLETE,
+        numbers(driver)["bad"]: TrialState.PRUNED,
+        numbers(driver)["cut"]: TrialState.COMPLETE,
+        numbers(after)["new"]: TrialState.PRUNED,
     }
+    assert resumed.pruned(numbers(driver)["bad"]) and not resumed.pruned(numbers(driver)["cut"])
 
 
 def test_a_new_study_starts_with_empty_rungs(tmp_path):

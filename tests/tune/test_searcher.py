@@ -14,12 +14,14 @@ import pytest
 from optuna.trial import TrialState
 from ray_fixtures import MAX_T, write_space
 
+from tune.layout import StudyFolder
 from tune.searcher import (
     ADOPTED_ATTR,
     EPOCHS_ATTR,
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
     SCHEDULER_ATTR,
+    STEP_KEY,
     OptunaSearcher,
     open_study,
     selected_values,
@@ -36,7 +38,7 @@ def make_spec(tmp_path: Path, **fields):
 def result(epoch: int, val_ap: float, best: float, val_auc: float = 0.5) -> dict:
     """A flattened Tune result as Ray hands it to the searcher (epoch: epochs completed)."""
     return {
-        "training_iteration": epoch,
+        STEP_KEY: epoch,
         "epoch": epoch - 1,
         "val_ap": val_ap,
         "val_auc": val_auc,
@@ -73,7 +75,7 @@ def test_complete_trial_is_told_its_selected_epoch(tmp_path):
 
 
 def test_asha_stop_is_pruned_with_its_intermediate_values(tmp_path):
-    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda t: t == "a")
+    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda n: n == 0)
     searcher.suggest("a")
     searcher.on_trial_result("a", result(1, 0.4, 0.4))
     # ASHA's STOP result never reaches on_trial_result: it arrives with on_trial_complete.
@@ -85,7 +87,7 @@ def test_asha_stop_is_pruned_with_its_intermediate_values(tmp_path):
 
 
 def test_error_fails_and_interruption_leaves_running(tmp_path):
-    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda t: False)
+    searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study", pruned=lambda n: False)
     searcher.suggest("bad")
     searcher.suggest("cut")
     searcher.on_trial_complete("bad", error=True)
@@ -98,7 +100,7 @@ def test_replayed_epochs_and_completions_change_nothing(tmp_path):
     searcher = OptunaSearcher(make_spec(tmp_path), tmp_path / "study")
     searcher.suggest("a")
     run_epochs(searcher, "a", [0.5, 0.6])
-    searcher.on_trial_result("a", result(2, 0.9, 0.9))  # epoch 2 again, after a restore
+    searcher.on_trial_result("a", result(2, 0.9, 0.9))  # epoch 2 again: a restart replays it
     last = run_epochs(searcher, "a", [0.5, 0.6, 0.55])
     searcher.on_trial_complete("a", result=last)
     searcher.on_trial_complete("a", result=result(3, 0.99, 0.99))
@@ -119,29 +121,45 @@ def test_points_are_enqueued_once_per_study(tmp_path):
     assert study.trials[1].params != spec.points_to_evaluate[0]
 
 
-def test_save_restore_keeps_trials_and_orphans_are_adopted(tmp_path):
-    spec = make_spec(tmp_path)
+def test_a_new_driver_adopts_the_trials_left_running_first(tmp_path):
+    spec = make_spec(tmp_path, points_to_evaluate=[])
     old = OptunaSearcher(spec, tmp_path / "study")
-    old.suggest("a")
-    old.save(str(tmp_path / "searcher.pkl"))  # Ray's last snapshot knew trial a only
-    orphan = old.suggest("b")
-    restored = OptunaSearcher(spec, tmp_path / "study")
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    adopted = restored.suggest("c")  # the orphan, not a new ask
-    assert adopted == orphan  # same Optuna trial: its MLflow run is found by its number
-    assert trial_of(restored, "c").user_attrs[ADOPTED_ATTR] == "b"
-    restored.on_trial_complete("a", result=run_epochs(restored, "a", [0.1, 0.2, 0.3]))
-    assert trial_of(restored, "a").state == TrialState.COMPLETE
-    assert trial_of(restored, "c").number == orphan[OPTUNA_KEY]
-    assert len(restored.study.trials) == 2
-    fresh = OptunaSearcher(spec, tmp_path / "study")  # Ray saved nothing at all
-    assert fresh.suggest("d") == adopted
-    assert trial_of(fresh, "d").user_attrs[ADOPTED_ATTR] == "c"
+    left = [old.suggest(ray_id) for ray_id in ("a", "b")]  # the driver died with a, b running
+    old.on_trial_complete("a", result=run_epochs(old, "a", [0.1]))  # interrupted: RUNNING
+    new = OptunaSearcher(spec, tmp_path / "study")  # --resume: a new Tuner, new Ray ids
+    adopted = [new.suggest(ray_id) for ray_id in ("c", "d")]
+    assert adopted == left  # same Optuna trials and values: folders and runs keyed by number
+    assert [trial_of(new, t).user_attrs[ADOPTED_ATTR] for t in ("c", "d")] == ["a", "b"]
+    assert new.suggest("e")[OPTUNA_KEY] == 2  # then new asks
+    new.on_trial_complete("c", result=run_epochs(new, "c", [0.1, 0.2, 0.3]))
+    assert trial_of(new, "c").intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}  # 1 kept once
+    assert trial_of(new, "c").state == TrialState.COMPLETE
+
+
+def test_a_finished_trials_resume_state_is_dropped(tmp_path):
+    spec = make_spec(tmp_path, points_to_evaluate=[])
+    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda n: n == 1)
+    folders = {}
+    for ray_id in ("done", "pruned", "cut"):
+        number = searcher.suggest(ray_id)[OPTUNA_KEY]
+        folders[ray_id] = StudyFolder(tmp_path / "study").trial_dir(number)
+        folders[ray_id].mkdir(parents=True)
+        for name in ("last.pt", "best.pt"):
+            (folders[ray_id] / name).write_bytes(b"state")
+    searcher.on_trial_complete("done", result=run_epochs(searcher, "done", [0.1, 0.2, 0.3]))
+    searcher.on_trial_complete("pruned", result=run_epochs(searcher, "pruned", [0.1]))
+    searcher.on_trial_complete("cut", result=run_epochs(searcher, "cut", [0.1]))  # interrupted
+    assert {k: (f / "last.pt").exists() for k, f in folders.items()} == {
+        "done": False,
+        "pruned": False,
+        "cut": True,  # RUNNING: a --resume continues from it
+    }
+    assert all((f / "best.pt").is_file() for f in folders.values())
 
 
 def test_multi_objective_values_and_pareto_front(tmp_path):
     spec = make_spec(tmp_path, metric=["val_ap", "val_auc"], mode=["max", "max"])
-    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda t: t == "p")
+    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda n: n == 2)  # "p"
     for trial_id in ("a", "b", "p"):
         searcher.suggest(trial_id)
     for epoch, (ap, auc) in enumerate([(0.5, 0.6), (0.8, 0.7), (0.6, 0.9)], start=1):

@@ -13,7 +13,7 @@ from tune.summary import ranked_trials, short_names, summarize
 def study_of(tmp_path: Path, **fields):
     """Four trials: two complete (0.7, 0.6 at max_t), one pruned (0.8 early), one failed."""
     spec = make_spec(tmp_path, **fields)
-    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda ray_id: ray_id == "p")
+    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda number: number == 2)  # "p"
     for ray_id, scores in {"a": [0.5, 0.6, 0.7], "b": [0.6, 0.6, 0.6], "p": [0.8]}.items():
         searcher.suggest(ray_id)
         searcher.on_trial_complete(ray_id, result=run_epochs(searcher, ray_id, scores))

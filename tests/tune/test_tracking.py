@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from ray.tune.experiment import Trial
 
 from dsanet.config import field_names
-from tune.searcher import OPTUNA_KEY, REPORTED_KEY, OptunaSearcher, open_study
+from tune.layout import StudyFolder
+from tune.searcher import OPTUNA_KEY, REPORTED_KEY, STEP_KEY, OptunaSearcher, open_study
 from tune.tracking import MlflowView, TrackingUnavailable
 from tune.trainable import append_report
 
@@ -33,14 +34,23 @@ class FakeSearch:
     def __init__(self, root: Path, spec, view: MlflowView | None = None) -> None:
         self.root, self.spec, self.view = root, spec, view
         open_study(spec, root)
-        self.pruned: set[str] = set()
-        self.searcher = OptunaSearcher(spec, root, pruned=lambda ray_id: ray_id in self.pruned)
+        self.pruned: set[str] = set()  # Ray ids of the trials ASHA stopped
+        self.searcher = OptunaSearcher(spec, root, pruned=self._pruned)
         self.trials: dict[str, Trial] = {}
+
+    def _pruned(self, number: int) -> bool:
+        return any(
+            t.config[OPTUNA_KEY] == number for r, t in self.trials.items() if r in self.pruned
+        )
+
+    def folder(self, ray_id: str) -> Path:
+        """The trial's folder: trials/<its Optuna number>."""
+        return StudyFolder(self.root).trial_dir(self.trials[ray_id].config[OPTUNA_KEY])
 
     def start(self, ray_id: str) -> Trial:
         config = self.searcher.suggest(ray_id)
         trial = self.trials[ray_id] = Trial("dsanet", config=config, trial_id=ray_id, stub=True)
-        (self.root / "trials" / ray_id).mkdir(parents=True, exist_ok=True)
+        self.folder(ray_id).mkdir(parents=True, exist_ok=True)
         if self.view:
             self.view.on_trial_start(0, [], trial)
         return trial
@@ -49,7 +59,7 @@ class FakeSearch:
         """The trainable reports each epoch: a line in reports.jsonl, then the result to Ray.
         val_ap is 0.5 + epoch / 10, or `curve[epoch]`; the trainer selects on it, reporting
         best_val_ap (the best so far)."""
-        folder = self.root / "trials" / ray_id
+        folder = self.folder(ray_id)
         for epoch in epochs:
             now = time.time()
             ap = curve or [0.5 + e / 10 for e in range(epoch + 1)]
@@ -58,7 +68,7 @@ class FakeSearch:
             line = {"epoch": epoch, "pid": 4242, "time": now, "metrics": metrics}
             with open(folder / "reports.jsonl", "a") as handle:
                 handle.write(json.dumps(line) + "\n")
-            result = {**metrics, "training_iteration": epoch + 1, REPORTED_KEY: now, "pid": 1}
+            result = {**metrics, STEP_KEY: epoch + 1, REPORTED_KEY: now, "pid": 1}
             self.searcher.on_trial_result(ray_id, result)
             if self.view:
                 self.view.on_trial_result(0, [], self.trials[ray_id], result)
@@ -150,7 +160,7 @@ def test_study_layout(mlflow_server, tmp_path):
     lr = search.trials["done1"].config["optim.lr"]
     assert finished.data.params["optim.lr"] == str(lr)
     assert finished.data.params["train.epochs"] == "4"  # from the base config
-    assert finished.data.params["train.out_dir"] == str((root / "trials" / "done1").resolve())
+    assert finished.data.params["train.out_dir"] == str(search.folder("done1").resolve())
     assert steps(client, finished, "val_ap") == [0, 1]
     assert steps(client, finished, "loss_total") == [0, 1]
     # best_val_ap is the trainer's own (its selection metric): not logged twice
@@ -281,6 +291,7 @@ def test_the_parent_follows_the_winner_and_names_tell_an_interrupted_trial(mlflo
     assert (resumed.info.status, resumed.info.run_name) == ("RUNNING", "trial-3")
 
 
+@pytest.mark.slow  # a second study through the session server (the default suite: 90 s)
 def test_each_objective_gets_its_kept_value(tmp_path):
     """val_ap is the trainer's selection metric (best_val_ap is its own); loss_total is not,
     so the view logs best_loss_total: the loss at the epoch the trainer keeps."""
@@ -379,7 +390,7 @@ def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(mlflow_s
     search = FakeSearch(root, spec)
     search.start("t")
     search.epochs("t", range(1))
-    reports = root / "trials" / "t" / "reports.jsonl"
+    reports = search.folder("t") / "reports.jsonl"
     accepted = json.loads(reports.read_text())
     rewritten = {**accepted, "time": accepted["time"] + 5, "metrics": {"val_ap": 0.1}}
     with open(reports, "a") as handle:  # the same epoch again, by an attempt Ray did not keep
@@ -398,6 +409,7 @@ def test_unreachable_uri_is_a_clear_error(tmp_path):
         MlflowView(tmp_path / "study", spec, f"http://127.0.0.1:{port}")
 
 
+@pytest.mark.slow  # a new SQLite MLflow store: its schema migrations take seconds
 def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     spec = write_space(tmp_path, "local")
     root = tmp_path / "study"
@@ -417,7 +429,7 @@ def test_default_store_is_sqlite_in_the_study_folder(tmp_path):
     (run,) = runs_of(MlflowClient(view.uri), "local")[1].values()
     artifacts = Path(run.info.artifact_uri)
     assert str(artifacts).startswith(str(root.resolve() / "mlartifacts"))
-    folder = root / "trials" / "t1"
+    folder = search.folder("t1")
     # A checkpoint is hard-linked into the local artifact folder, other files are copied.
     assert (artifacts / "best.pt").samefile(folder / "best.pt")
     assert (artifacts / "config.yaml").read_text() == (folder / "config.yaml").read_text()

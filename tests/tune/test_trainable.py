@@ -1,31 +1,23 @@
-"""tune/trainable.py without a Ray study: the config a worker builds, the checkpoint folder it
-stages and restores, what it reports, and the disk hygiene when a trial ends. Ray's trial API
-(`get_checkpoint`, `get_context`, `report`) is replaced by stand-ins; its Checkpoint is real."""
+"""tune/trainable.py without a Ray study: the config a worker builds, what it reports, and how
+a (re)started trial reports again the epochs its folder holds before training on. Ray's trial
+API (`get_context`, `report`) is replaced by stand-ins; checkpoints are real torch files."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ray.tune import Checkpoint
+import torch
 
+import dsanet.trainer
 import tune.trainable as trainable
 from dsanet.config import load_config
 from tune.layout import StudyFolder
-from tune.trainable import STUDY_KEY, SlimFinishedCheckpoints, read_trial_config, share_file
-
-STATE = {"last.pt": b"full state", "best.pt": b"weights", "config.yaml": b"cfg: 1\n"}
-
-
-def _files(folder: Path, files: dict[str, bytes]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return folder
+from tune.searcher import REPORTED_KEY, STEP_KEY
+from tune.trainable import STUDY_KEY, append_report, read_trial_config, report_lines
 
 
 def _study(root: Path, **overrides: Any) -> StudyFolder:
@@ -39,108 +31,89 @@ def _ray_config(folder: StudyFolder, **sampled: Any) -> dict[str, Any]:
     return {STUDY_KEY: {"dir": str(folder.root), "max_t": 3}, "_optuna_trial": 4, **sampled}
 
 
+def _record(epoch: int) -> dict[str, float]:
+    return {"epoch": float(epoch), "seconds": 0.5, "val_ap": 0.25 * (epoch + 1)}
+
+
+def _sent(monkeypatch) -> list[dict]:
+    """What the trainable reports to Ray, in order."""
+    sent: list[dict] = []
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics: sent.append(metrics))
+    return sent
+
+
+def _last_pt(folder: Path, epochs: int) -> None:
+    """A trainer checkpoint after `epochs` epochs, as far as a restart reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"history": [_record(e) for e in range(epochs)]}, folder / "last.pt")
+
+
 def test_trial_config_is_the_base_with_the_sampled_values(tmp_path: Path):
     folder = _study(tmp_path / "study", **{"train.seed": 11})
     config = _ray_config(folder, **{"optim.lr": 0.0042, "model": {"attn_window": 8}})
-    out = folder.trial_dir("t1")
+    out = folder.trial_dir(4)
     cfg = read_trial_config(config, out)
     assert cfg.optim.lr == 0.0042 and cfg.model.attn_window == 8  # nested keys read as dotted
     assert cfg.train.seed == 11 and Path(cfg.train.out_dir) == out  # the base, the folder
+    assert out == tmp_path / "study" / "trials" / "4"  # keyed by the Optuna number
     assert cfg.model.visual_width == load_config("demo").model.visual_width
 
 
-def test_share_file_links_identical_bytes_only(tmp_path: Path):
-    source, twin, other = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
-    source.write_bytes(b"weights" * 1000)
-    twin.write_bytes(b"weights" * 1000)
-    other.write_bytes(b"weightz" * 1000)
-    assert share_file(source, twin) and twin.samefile(source) and source.stat().st_nlink == 2
-    assert share_file(source, twin)  # already one file
-    assert not share_file(source, other) and other.read_bytes() == b"weightz" * 1000
-    assert not share_file(source, tmp_path / "missing.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "c.pt"]
-
-
-def test_stage_links_the_state_and_counts_the_epochs(tmp_path: Path):
-    out = _files(tmp_path / "trial", STATE)
-    first = trainable._stage(out, epochs_done=1)
-    (first / "stale.pt").write_bytes(b"from an earlier epoch")
-    (out / "last.pt").unlink()  # e.g. a trial without a full-state file
-    stage = trainable._stage(out, epochs_done=2)
-    assert stage == out / ".checkpoint"
-    assert sorted(p.name for p in stage.iterdir()) == ["best.pt", "config.yaml", "progress.json"]
-    assert (stage / "best.pt").samefile(out / "best.pt")
-    assert json.loads((stage / "progress.json").read_text()) == {"epochs": 2}
-
-
-def test_reset_makes_the_folder_hold_rays_checkpoint(tmp_path: Path, monkeypatch):
-    saved = _files(tmp_path / "checkpoint", STATE)
-    (saved / "progress.json").write_text(json.dumps({"epochs": 2}))
-    out = _files(tmp_path / "trial", {"last.pt": b"ahead", "best.pt": b"ahead", "x.txt": b"x"})
-    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: Checkpoint.from_directory(saved))
-    assert trainable._reset_to_checkpoint(out) == 2
-    assert (out / "last.pt").read_bytes() == b"full state" and (out / "best.pt").samefile(
-        saved / "best.pt"
-    )
-    assert (out / "x.txt").is_file()  # only the state files are reset
-
-
-def test_reset_without_a_checkpoint_empties_the_state(tmp_path: Path, monkeypatch):
-    out = _files(tmp_path / "trial", {"last.pt": b"ahead", "best.pt": b"ahead"})
-    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
-    assert trainable._reset_to_checkpoint(out) == 0
-    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
-    assert trainable._reset_to_checkpoint(tmp_path / "new") == 0 and (tmp_path / "new").is_dir()
-
-
-def test_reporter_reports_each_epoch_with_a_checkpoint(tmp_path: Path, monkeypatch):
-    out = _files(tmp_path / "trial", STATE)
-    sent: list[tuple[dict, Any]] = []
-
-    def report(metrics: dict, checkpoint: Checkpoint) -> None:
-        sent.append((metrics, checkpoint))
-
-    monkeypatch.setattr(trainable.tune, "report", report)
-    reporter = trainable._Reporter(out, {"optuna_trial": 4}, resumed_at=1, entered=123.0)
-    for epoch in (1, 2):
-        record = {"epoch": float(epoch), "seconds": 0.5, "val_ap": 0.25 * epoch}
-        assert reporter(record, out) is False  # fit never stops a trial by itself
-    assert [m["epoch"] for m, _ in sent] == [1, 2] and sent[1][0]["optuna_trial"] == 4
-    assert Path(sent[1][1].path) == out / ".checkpoint"
-    assert json.loads((out / ".checkpoint" / "progress.json").read_text()) == {"epochs": 3}
-    lines = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+def test_reporter_writes_each_epoch_then_reports_it(tmp_path: Path, monkeypatch):
+    out, sent = tmp_path / "trial", _sent(monkeypatch)
+    out.mkdir()
+    reporter = trainable._Reporter(out, {"optuna_trial": 4}, entered=123.0)
+    for epoch in (0, 1):
+        assert reporter(_record(epoch), out) is False  # fit never stops a trial by itself
+    lines = report_lines(out)
     assert [(x["epoch"], x["resumed_at"], x.get("entered")) for x in lines] == [
-        (1, 1, 123.0),
-        (2, -1, None),
+        (0, 0, 123.0),  # the first line of a (re)start says where it started
+        (1, -1, None),
     ]
+    assert [(m["epoch"], m[STEP_KEY], m["optuna_trial"]) for m in sent] == [(0, 1, 4), (1, 2, 4)]
+    assert [m[REPORTED_KEY] for m in sent] == [x["time"] for x in lines]  # the line Ray gets
 
 
-def test_a_finished_trial_is_slimmed_to_one_copy_of_its_weights(tmp_path: Path):
-    folder = StudyFolder(tmp_path / "study")
-    saved = _files(tmp_path / "ray" / "t1" / "checkpoint_000002", STATE)
-    out = _files(folder.trial_dir("t1"), {"best.pt": STATE["best.pt"], "config.yaml": b"c"})
-    trial = SimpleNamespace(
-        trial_id="t1",
-        checkpoint=SimpleNamespace(path=str(saved)),
-        config=_ray_config(folder),
-    )
-    SlimFinishedCheckpoints().on_trial_complete(0, [], trial)
-    assert not (saved / "last.pt").exists() and (saved / "config.yaml").is_file()
-    assert (out / "best.pt").samefile(saved / "best.pt")
-    SlimFinishedCheckpoints().on_trial_complete(0, [], SimpleNamespace(checkpoint=None))
+def test_a_restart_reports_the_epochs_its_folder_holds_once_each(tmp_path: Path, monkeypatch):
+    out, sent = tmp_path / "trial", _sent(monkeypatch)
+    _last_pt(out, epochs=3)  # killed after epoch 2's checkpoint, before its line
+    times = [append_report(out, _record(e)) for e in (0, 1)]
+    with (out / "reports.jsonl").open("a") as damaged:
+        damaged.write('{"epoch": 1, "time": \n')  # a line cut by the kill
+    reporter = trainable._Reporter(out, {"optuna_trial": 4}, entered=50.0)
+    assert reporter.replay() == 3
+    lines = report_lines(out)
+    assert [x["epoch"] for x in lines] == [0, 1, 2]  # one line per epoch: 2's is new
+    assert (lines[2]["resumed_at"], lines[2]["entered"]) == (2, 50.0)
+    assert [(m["epoch"], m[STEP_KEY]) for m in sent] == [(0, 1), (1, 2), (2, 3)]
+    assert [m[REPORTED_KEY] for m in sent] == [*times, lines[2]["time"]]  # old lines' times
+    reporter(_record(3), out)  # training goes on: no second start mark
+    assert report_lines(out)[3]["resumed_at"] == -1 and sent[-1][STEP_KEY] == 4
 
 
-def test_a_trial_restored_after_it_finished_just_ends(tmp_path: Path, monkeypatch):
+def test_a_new_trial_replays_nothing(tmp_path: Path, monkeypatch):
+    sent = _sent(monkeypatch)
+    assert trainable._Reporter(tmp_path, {}, entered=0.0).replay() == 0 and not sent
+
+
+def test_a_trial_whose_folder_holds_max_t_epochs_just_reports_them(tmp_path: Path, monkeypatch):
     folder = _study(tmp_path / "study")
-    saved = _files(tmp_path / "checkpoint", {"best.pt": b"weights"})  # slimmed: no last.pt
-    (saved / "progress.json").write_text(json.dumps({"epochs": 2}))
-    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: Checkpoint.from_directory(saved))
-    context = SimpleNamespace(get_trial_id=lambda: "t1")
-    monkeypatch.setattr(trainable.tune, "get_context", lambda: context)
+    _last_pt(folder.trial_dir(4), epochs=3)  # max_t: finished, the driver never told
+    sent = _sent(monkeypatch)
     monkeypatch.setattr(trainable, "_claim_resources", pytest.fail)  # no training starts
-    monkeypatch.setitem(sys.modules, "dsanet.trainer", SimpleNamespace(fit=pytest.fail))  # torch
+    stub = SimpleNamespace(fit=pytest.fail, load_checkpoint=dsanet.trainer.load_checkpoint)
+    monkeypatch.setitem(sys.modules, "dsanet.trainer", stub)
     trainable.run_trial(_ray_config(folder))
-    assert (folder.trial_dir("t1") / "best.pt").samefile(saved / "best.pt")
+    assert [m[STEP_KEY] for m in sent] == [1, 2, 3]
+
+
+def test_a_damaged_last_pt_is_one_clear_error(tmp_path: Path, monkeypatch):
+    out = tmp_path / "trial"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"cut short")
+    _sent(monkeypatch)
+    with pytest.raises(ValueError, match="last.pt is not a torch.save file"):
+        trainable._Reporter(out, {}, entered=0.0).replay()
 
 
 @pytest.mark.parametrize(("protocol", "test"), [("validation", False), ("reference", True)])
@@ -159,3 +132,10 @@ def test_bundle_reads_the_test_split_only_for_protocol_reference(protocol, test,
     other = cfg.with_overrides({"model.visual_length": cfg.model.visual_length * 2})
     assert trainable._bundle(other) is not bundle and len(trainable._bundles) == 1
     assert [c[2] for c in calls] == [test, test] and calls[0][1] == cfg.model.visual_length
+
+
+def test_a_node_that_does_not_see_the_study_folder_fails_saying_so(tmp_path: Path):
+    missing = StudyFolder(tmp_path / "node-local")  # no base.yaml: not the driver's folder
+    with pytest.raises(FileNotFoundError, match="not visible on this node.*shared file system"):
+        trainable.run_trial(_ray_config(missing))
+    assert not missing.root.exists()  # nothing written
