@@ -49,6 +49,7 @@ def test_plots_of_a_tiny_run(tiny_run, tmp_path):
     assert table["accuracy"] == shown["class_acc"]
 
 
+@pytest.mark.slow  # a second dsanet subprocess (test_trainer's CLI smoke is the default suite's)
 def test_evaluate_plots_from_the_command_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["evaluate", "--checkpoint", str(tiny_run), "--plots", str(out)]) == 0

@@ -129,6 +129,7 @@ def test_xd_mini_has_multilabel_and_chunking_cases(trees: dict[str, SynthSummary
     assert any("v=x__" in p for p, _ in rows)  # a YouTube id with "__", as in the real lists
 
 
+@pytest.mark.slow  # generates two trees byte for byte
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
     runs = {  # "b" renders in two worker processes: the bytes must not depend on that
         k: generate("xd-mini", tmp_path / k, seed=s, scale=0.15, workers=w)

@@ -45,6 +45,7 @@ def straight_run(tiny, tmp_path_factory):
     return result, seen, out
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_resume_continues_exactly(straight_run, tiny, tmp_path):
     straight = straight_run[0]
 
@@ -86,6 +87,7 @@ def test_fit_selects_on_validation_and_tests_once(straight_run):
     assert not list(run.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_callback_can_stop_early(tiny, tmp_path):
     # 2 epochs (tiny_run_overrides'), of one step each: the callback stops after the first.
     cfg = _config(tiny, tmp_path / "stop", "train.max_steps_per_epoch=1")
@@ -93,6 +95,7 @@ def test_callback_can_stop_early(tiny, tmp_path):
     assert len(result.history) == 1 and result.test
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_reference_protocol_selects_on_test(tiny, tmp_path):
     cfg = _config(tiny, tmp_path / "ref", "data.protocol=reference", *ONE_STEP)
     result = fit(cfg)
@@ -145,6 +148,7 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     assert stderr.strip().startswith("error:") and stderr.count("error:") == 1
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(tiny, tmp_path):
     cfg = _config(tiny, tmp_path / "final", "data.protocol=final", "data.val_fraction=0", *ONE_STEP)
     result = fit(cfg)
@@ -156,6 +160,7 @@ def test_final_protocol_trains_on_all_videos_and_keeps_last_epoch(tiny, tmp_path
     assert not any(k.startswith("val_") for k in result.history[0]) and "ap" in result.test
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_fit_without_test_never_reads_the_test_split(tiny, tmp_path):
     from dsanet.loading import read_test_inputs
 
