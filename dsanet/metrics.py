@@ -152,7 +152,10 @@ def evaluate_videos(
     )
     result = {AUC: auc, AP: ap}
     thresholds = per_class.iou_thresholds
-    for corrected, percent in ((False, per_class.reference_map()), (True, per_class.corrected_map())):
+    for corrected, percent in (
+        (False, per_class.reference_map()),
+        (True, per_class.corrected_map()),
+    ):
         maps = [value / 100 for value in percent]  # one unit for every key: fractions
         for t, value in zip(thresholds, maps, strict=True):
             result[map_key(t, corrected)] = value
