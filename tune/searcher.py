@@ -82,7 +82,7 @@ def open_study(spec: SpaceSpec, study_dir: Path, storage: Any = None) -> optuna.
         study.set_user_attr(STUDY_ID_ATTR, uuid.uuid4().hex)
     _pin_scheduler(study, spec, study_dir)
     # A resumed study must not replay the sampler's random stream from the start.
-    study.sampler = make_sampler(spec.searcher, offset=len(study.trials))
+    study.sampler = make_sampler(spec.searcher, offset=len(study.get_trials(deepcopy=False)))
     return study
 
 
