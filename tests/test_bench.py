@@ -64,3 +64,27 @@ def test_gpu_bench_quick_runs_on_cpu():
     assert len(rows) == 3, rows
     assert "fp32" in rows[0] and "bf16" in rows[0]
     assert all("steps/s in all" in r for r in rows[1:]), rows
+
+
+@pytest.mark.slow  # a 100-trial study on a local Ray with 16 workers, PostgreSQL, mlflow server
+def test_scale_quick_every_trial_once():
+    """bench_scale.py --quick on the real search only (the stock-Ray and SQLite legs are the
+    benchmark's comparisons): every trial once in Optuna and in MLflow, with every epoch."""
+    sys.path.insert(0, str(REPO / "tests" / "tune"))
+    from postgres import unavailable
+
+    problem = unavailable()
+    if problem and os.environ.get("CI") != "true":
+        pytest.skip(f"no PostgreSQL: {problem}")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_scale.py"), "--quick", "--legs", "tune-pg"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "tune-pg: 100 trials" in result.stdout
+    assert "exactly once: True (100 in Optuna, 100 MLflow runs)" in result.stdout
+    assert "| B7 scale (100 trials" in result.stdout
