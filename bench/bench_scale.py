@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -718,19 +719,29 @@ def run_leg(leg: str, folder: Path, trials: int, backend: str, postgres: Any, se
     try:
         cpu_before = _tree_cpu(server.process.pid)
         pg_before = _tree_cpu(pg.pid) if backend == "postgresql" else 0.0
-        done = subprocess.run(
+        leg_process = subprocess.Popen(
             [sys.executable, __file__, "--leg", leg, "--trials", str(trials), "--folder",
              str(folder), "--uri", server.uri, "--json", str(out)],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)]),
                  "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
+        try:
+            code = leg_process.wait()
+        finally:  # interrupted: Ctrl-C ends the study, whose leg then stops its Ray
+            if leg_process.poll() is None:
+                leg_process.send_signal(signal.SIGINT)
+                try:
+                    leg_process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    leg_process.kill()
+                    leg_process.wait()
         server_cpu = _tree_cpu(server.process.pid) - cpu_before
         pg_cpu = (_tree_cpu(pg.pid) - pg_before) if backend == "postgresql" else 0.0
     finally:
         server.stop()
-    if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"leg {leg} exited with {done.returncode}")
+    if code != 0 or not out.is_file():
+        raise RuntimeError(f"leg {leg} exited with {code}")
     figures = json.loads(out.read_text())
     figures.update(
         leg=leg,
@@ -798,7 +809,7 @@ def describe_calls(legs: dict[str, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100 trials (CI smoke test)")
+    parser.add_argument("--quick", action="store_true", help="50 trials (CI smoke test)")
     parser.add_argument("--trials", type=int, default=10_000)
     parser.add_argument("--legs", default="tune-pg,stock-pg,tune-sqlite")
     parser.add_argument("--json", help="write every figure to this file")
@@ -810,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    trials = 100 if args.quick and args.trials == 10_000 else args.trials
+    trials = 50 if args.quick and args.trials == 10_000 else args.trials
     if args.leg:
         run = leg_stock if args.leg.startswith("stock") else leg_tune
         figures = run(Path(args.folder), trials, args.uri)
@@ -826,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
         return 0
+    # SIGTERM (a test's timeout) unwinds like Ctrl-C: every server and leg is stopped by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     postgres, server_cls = _helpers()
     problem = postgres.unavailable()
     if problem:
