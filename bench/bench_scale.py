@@ -489,6 +489,7 @@ def overhead(epochs: dict[str, list[dict]], start: float, end: float) -> dict[st
     ]
     first, last = by_tenth[1], window(trials[-tenth:], trials[-tenth - 1][-1]["time"])
     return {
+        **concurrency(trials),
         "trials_run": len(trials),
         "epochs_run": sum(len(lines) for lines in trials),
         "slept_s": slept,
@@ -500,6 +501,24 @@ def overhead(epochs: dict[str, list[dict]], start: float, end: float) -> dict[st
         "last_tenth_ms": last,
         "growth": last / first if first > 0 else float("nan"),
         "by_tenth_ms": by_tenth,
+    }
+
+
+def concurrency(trials: list[list[dict]]) -> dict[str, float]:
+    """How many trials were in their trainable at once (entry to last report): the most, and
+    the time average; and how long a trial was in it."""
+    spans = [(lines[0].get("entered", lines[0]["time"]), lines[-1]["time"]) for lines in trials]
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = most = area = 0.0
+    last = events[0][0]
+    for at, step in events:
+        area += now * (at - last)
+        last, now = at, now + step
+        most = max(most, now)
+    return {
+        "max_concurrent": most,
+        "mean_concurrent": area / max(events[-1][0] - events[0][0], 1e-9),
+        "trial_busy_s": statistics.fmean(b - a for a, b in spans),
     }
 
 
@@ -771,7 +790,9 @@ def verdicts(legs: dict[str, dict]) -> list[str]:
         c = f["checks"]
         lines.append(
             f"{name}: {f['trials_run']} trials, {f['epochs_run']} epochs; Tuner.fit "
-            f"{f['fit_wall_s']:.0f} s vs ideal {f['ideal_s']:.1f} s; overhead "
+            f"{f['fit_wall_s']:.0f} s vs ideal {f['ideal_s']:.1f} s; trials at once "
+            f"{f.get('mean_concurrent', float('nan')):.1f} on average (at most "
+            f"{f.get('max_concurrent', float('nan')):.0f}); overhead "
             f"{f['overhead_ms_per_trial']:.0f} ms/trial (2nd tenth {f['second_tenth_ms']:.0f}, "
             f"last tenth {f['last_tenth_ms']:.0f}: x{f['growth']:.2f}); driver CPU "
             f"{1000 * f['driver_cpu'] / f['trials_run']:.0f} ms/trial; mlflow server CPU "
