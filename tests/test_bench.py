@@ -64,3 +64,34 @@ def test_gpu_bench_quick_runs_on_cpu():
     assert len(rows) == 3, rows
     assert "fp32" in rows[0] and "bf16" in rows[0]
     assert all("steps/s in all" in r for r in rows[1:]), rows
+
+
+@pytest.mark.slow  # a 50-trial study on a local Ray with 16 workers, PostgreSQL, mlflow server
+def test_scale_quick_every_trial_once():
+    """bench_scale.py --quick on the real search only (the stock-Ray and SQLite legs are the
+    benchmark's comparisons): every trial once in Optuna and in MLflow, with every epoch."""
+    sys.path.insert(0, str(REPO / "tests" / "tune"))
+    from postgres import unavailable
+
+    problem = unavailable()
+    if problem and os.environ.get("CI") != "true":
+        pytest.skip(f"no PostgreSQL: {problem}")
+    bench = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "bench_scale.py"), "--quick", "--legs", "tune-pg"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        stdout, stderr = bench.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        bench.terminate()  # the bench stops its leg, Ray, mlflow server and PostgreSQL by PID
+        stdout, stderr = bench.communicate(timeout=300)
+        pytest.fail(f"bench_scale.py --quick ran past 1500 s: {stdout[-2000:]}")
+    result = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "tune-pg: 50 trials" in result.stdout
+    assert "exactly once: True (50 in Optuna, 50 MLflow runs)" in result.stdout
+    assert "| B7 scale (50 trials" in result.stdout

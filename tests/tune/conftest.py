@@ -42,12 +42,14 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` over an SQLite file; can be stopped and started again on the same port."""
+    """`mlflow server` over an SQLite file (or the database `backend` names, e.g. PostgreSQL's
+    from tests/tune/postgres.py); can be stopped and started again on the same port."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, backend: str = "") -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root, self.port = root, port or free_port()
         self.db, self.artifacts = root / "mlflow.db", root / "artifacts"
+        self.backend = backend or f"sqlite:///{self.db}"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -61,7 +63,7 @@ class MlflowServer:
         self._logname = str(self.root / f"server-{self.starts}.log")
         command = [
             str(MLFLOW), "server",
-            "--backend-store-uri", f"sqlite:///{self.db}",
+            "--backend-store-uri", self.backend,
             "--default-artifact-root", str(self.artifacts),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
