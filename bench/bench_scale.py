@@ -1,4 +1,4 @@
-"""Benchmark B7: a study of thousands of trials, and which costs grow with its size.
+"""Benchmark B8: a study of thousands of trials, and which costs grow with its size.
 
     python bench/bench_scale.py [--quick] [--trials N] [--json OUT]
 
@@ -238,7 +238,7 @@ def leg_tune(folder: Path, trials: int, uri: str) -> dict[str, Any]:
 
 
 def tune_epochs(root: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each trial's reports.jsonl lines, by Ray trial id."""
+    """Each trial's reports.jsonl lines, by Optuna number (its folder's name)."""
     found = {}
     for path in (root / "trials").glob("*/reports.jsonl"):
         found[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
@@ -250,7 +250,7 @@ def check_tune(root: Path, trials: int, epochs: dict, uri: str) -> dict[str, Any
     val_ap at steps 0..k-1 once each, k as in its reports.jsonl)."""
     import optuna
 
-    from tune.searcher import FINISHED, RAY_TRIAL_ATTR, STUDY_ID_ATTR, epoch_records
+    from tune.searcher import FINISHED, STUDY_ID_ATTR, epoch_records
 
     study = optuna.load_study(study_name="scale", storage=f"sqlite:///{root / 'optuna.db'}")
     got = study.get_trials(deepcopy=False)
@@ -258,8 +258,7 @@ def check_tune(root: Path, trials: int, epochs: dict, uri: str) -> dict[str, Any
     by_number: dict[int, int] = {}
     for t in got:
         k = len(epoch_records(t))
-        ray_id = t.user_attrs.get(RAY_TRIAL_ATTR)
-        lines = [line["epoch"] for line in epochs.get(ray_id, [])]
+        lines = [line["epoch"] for line in epochs.get(str(t.number), [])]
         if t.state not in FINISHED:
             problems.append(f"optuna trial {t.number} is {t.state.name}")
         if sorted(epoch_records(t)) != list(range(1, k + 1)):
@@ -617,14 +616,14 @@ def _costs_at(n: int, spec: Any, root: Path, study: Any, stock: Any) -> dict[str
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     from tune.report import best_of
-    from tune.searcher import OptunaSearcher
+    from tune.searcher import STEP_KEY, OptunaSearcher
 
     searcher = OptunaSearcher(spec, root, pruned=lambda _: True)
     figures: dict[str, float] = {}
     figures["open_study (once per driver)"] = _ms(lambda: searcher.study)
     figures["searcher._frozen"] = _mean_ms(10, searcher._frozen, n // 2)
     suggest, result, complete = [], [], []
-    row = {"training_iteration": 1, "val_ap": 0.5, "best_val_ap": 0.5, "reported_at": 0.0}
+    row = {STEP_KEY: 1, "val_ap": 0.5, "best_val_ap": 0.5, "reported_at": 0.0}
     for name in [f"new{n}-{i}" for i in range(5)]:
         suggest.append(_ms(searcher.suggest, name))
         result.append(_ms(searcher.on_trial_result, name, row))
@@ -887,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(verdicts(legs)))
     ok = all(f["checks"]["exactly_once"] and f["exit"] == 0 for f in legs.values())
     command = " ".join(["python bench/bench_scale.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"| B7 scale ({trials} trials, {SLOTS} slots) | `{command}` | exactly once: {ok} |")
+    print(f"| B8 scale ({trials} trials, {SLOTS} slots) | `{command}` | exactly once: {ok} |")
     return 0 if ok else 1
 
 

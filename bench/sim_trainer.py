@@ -9,6 +9,7 @@ runs, so it gets this one. The stock-Ray leg of the benchmark calls `curve` dire
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 # The searched fields of search_spaces/demo.yaml, as dotted names.
 PARAMS = (
@@ -76,15 +79,16 @@ def epoch_record(values: dict[str, Any], epoch: int, best: float) -> tuple[dict[
 
 def fit(cfg: Any, on_epoch_end: Any = None, resume: bool = True, bundle: Any = None,
         test: bool = True) -> dict[str, Any]:  # fmt: skip
-    """dsanet.trainer.fit's contract as a search trial uses it: config.yaml, last.pt and
-    best.pt in cfg.train.out_dir (small files), resume from last.pt, one `on_epoch_end(record,
+    """dsanet.trainer.fit's contract as a search trial uses it: config.yaml, last.pt (a torch
+    file with the epochs' `history`, which a restarted trial reports again) and best.pt in
+    cfg.train.out_dir (small files), resume from last.pt, one `on_epoch_end(record,
     out_dir)` per epoch (a truthy return stops), result.json at the end."""
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     values = {p: _field(cfg, p) for p in PARAMS}
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": -1, "history": []}
-    if resume and (out / "last.pt").is_file():
-        state = json.loads((out / "last.pt").read_bytes())
+    if resume and (out / "last.pt").is_file():  # a torch file, as the trainable reads it
+        state = torch.load(out / "last.pt", weights_only=True)
     _write(out / "config.yaml", cfg.to_yaml().encode())
     while state["epoch"] < cfg.train.epochs:
         epoch = state["epoch"]
@@ -94,7 +98,9 @@ def fit(cfg: Any, on_epoch_end: Any = None, resume: bool = True, bundle: Any = N
             _write(out / "best.pt", json.dumps({"weights": epoch}).encode())
         state["history"].append(record)
         state["epoch"] = epoch + 1
-        _write(out / "last.pt", json.dumps(state).encode())
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # tensors-free: {"history": [...], ...}
+        _write(out / "last.pt", buffer.getvalue())
         if on_epoch_end is not None and on_epoch_end(record, out):
             break
     summary = {

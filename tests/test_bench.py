@@ -94,4 +94,4 @@ def test_scale_quick_every_trial_once():
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "tune-pg: 50 trials" in result.stdout
     assert "exactly once: True (50 in Optuna, 50 MLflow runs)" in result.stdout
-    assert "| B7 scale (50 trials" in result.stdout
+    assert "| B8 scale (50 trials" in result.stdout
