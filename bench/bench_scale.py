@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from dsanet.yamlio import load_yaml_file
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SCRATCH = Path(os.environ.get("DSANET_BENCH_SCRATCH", "/work/scratch/bench7"))
@@ -55,7 +57,7 @@ EXPERIMENT = "scale"
 
 def scale_space(folder: Path, trials: int, tracking_uri: str) -> Path:
     """search_spaces/demo.yaml with N trials, 16 at a time on gpu 1 / cpu 0.1, no final stage."""
-    space = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    space = load_yaml_file(REPO / "search_spaces" / "demo.yaml")
     space["overrides"] = {**space.get("overrides", {}), "train.device": "auto"}
     space.update(
         name="scale",
@@ -350,7 +352,7 @@ def leg_stock(folder: Path, trials: int, uri: str) -> dict[str, Any]:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    spec = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    spec = load_yaml_file(REPO / "search_spaces" / "demo.yaml")
     sched = spec["scheduler"]
     temp = start_ray(folder, None)
     instrument_common()
