@@ -499,7 +499,10 @@ def test_gt_may_start_in_the_dropped_partial_snippet(tmp_path, past):
     np.testing.assert_array_equal(gt, empty)  # nothing past the features is marked
 
 
-@pytest.mark.parametrize("preset", ["xd-full", "ucf-mini"])
+@pytest.mark.parametrize(
+    "preset",
+    [pytest.param("xd-full", marks=pytest.mark.slow), "ucf-mini"],  # xd-full: generated
+)
 def test_loader_reads_synthetic_trees_like_real_ones(tmp_path, preset, synth_mini):
     from dsanet.synth import generate
 
