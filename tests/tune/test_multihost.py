@@ -1,0 +1,283 @@
+"""A study on a real multi-host Ray cluster: hosts are network namespaces of this machine.
+
+One head host (no CPU: it runs the driver and the MLflow server) and two worker hosts of one
+CPU each, every one with its own address in 198.18.0.0/15 and its own `ray start`, joined by
+token authentication as `tune/cluster.yaml` sets it up. The study folder is on the file system
+all hosts share (a cluster's NFS). The driver is `tune/run.py --address HEAD:6379` run on the
+head host; the tests look at what it leaves only from outside: `optuna.db`, the MLflow server
+and the trials' `reports.jsonl`.
+
+The hosts (namespaces, links, every process in them) are removed by `netns_cluster.Hosts`,
+each by name or pid; `test_closing_the_cluster_leaves_nothing` checks that, last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import MlflowServer
+from netns_cluster import Hosts, RayCluster, alive, netns_problem
+from optuna.trial import TrialState
+from ray_fixtures import REPO, RUN_PY, study_trials
+
+from tune.searcher import epoch_records
+
+pytestmark = pytest.mark.slow
+
+PYTHON = Path(sys.executable)
+RAY = PYTHON.parent / "ray"
+DEMO_SPACE = REPO / "search_spaces" / "demo.yaml"
+MLFLOW_PORT = 5000  # on the head host's own address: no other process can hold it
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _hosts_or_skip() -> None:
+    """Skip with one line where namespaces cannot be made; in CI (CI=true) fail instead."""
+    problem = netns_problem()
+    if problem:
+        if os.environ.get("CI") == "true":  # CI runs as root with iproute2: a skip hides a break
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+# ---------------------------------------------------------------------------- the cluster
+
+
+class HeadMlflowServer(MlflowServer):
+    """tests/tune/conftest.py's server, run on the head host and listening on its address."""
+
+    def __init__(self, root: Path, hosts: Hosts, host: Any) -> None:
+        super().__init__(root, port=MLFLOW_PORT)
+        self.hosts, self.host = hosts, host
+        self.uri = f"http://{host.ip}:{self.port}"
+
+    def launch(self) -> HeadMlflowServer:
+        self.starts += 1
+        self._logname = str(self.root / f"server-{self.starts}.log")
+        command = [
+            str(PYTHON.parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{self.db}",
+            "--default-artifact-root", str(self.artifacts),
+            "--host", self.host.ip, "--port", str(self.port), "--workers", "1",
+            # MLflow 3.17 answers only Host headers of localhost and private networks (its DNS
+            # rebinding guard), which 198.18/15 is not: name the address the clients use.
+            "--allowed-hosts", f"{self.host.ip}:{self.port}",
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self._logname, "w") as logfile:
+            self.process = self.hosts.popen(
+                self.host, command, stdout=logfile, stderr=subprocess.STDOUT, env=env
+            )
+        return self
+
+
+class Cluster:
+    """The module's hosts, Ray cluster and MLflow server."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        home = base / "home"
+        home.mkdir()
+        self.env = {
+            **os.environ,
+            "HOME": str(home),  # ~/.ray/auth_token: the token every node and the driver share
+            "RAY_AUTH_MODE": "token",
+            "PYTHONPATH": str(REPO),  # Ray's workers import this checkout's tune and dsanet
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # A dead host is noticed in seconds (Ray's default: 30 s or more).
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
+        token = subprocess.run(
+            [str(RAY), "get-auth-token", "--generate"], env=self.env, capture_output=True
+        )
+        assert token.returncode == 0 and (home / ".ray" / "auth_token").is_file(), token.stderr
+        self.hosts = Hosts()
+        self.ray = RayCluster(self.hosts, RAY, base, self.env)
+        self.mlflow: HeadMlflowServer | None = None
+
+    def start(self) -> Cluster:
+        head = self.ray.start_head()
+        self.mlflow = HeadMlflowServer(self.base / "mlflow", self.hosts, head).launch()
+        self.ray.add_workers(2)
+        self.mlflow.wait_until_up()
+        return self
+
+    def ensure_two_workers(self) -> None:
+        """A test that killed a host leaves one worker: add a new host in its place."""
+        missing = 2 - len(self.ray.live_workers())
+        if missing > 0:
+            self.ray.add_workers(missing)
+
+    def close(self) -> None:
+        try:
+            if self.mlflow is not None:
+                self.mlflow.stop()
+        finally:
+            self.hosts.close()
+
+    # ------------------------------------------------------------------ studies
+
+    def space(self, folder: Path, data: dict[str, Path], epochs: int, **fields: Any) -> Path:
+        """search_spaces/demo.yaml on the session's small xd-mini instead of generated data,
+        trials of `epochs` epochs without a scheduler, tracked by the head's MLflow server;
+        `fields` replace top-level keys."""
+        space = yaml.safe_load(DEMO_SPACE.read_text())
+        del space["synthetic"]
+        space["overrides"] = {
+            **space["overrides"],
+            "data.list_dir": str(data["lists"]),
+            "data.feature_root": str(data["features"]),
+            "data.cache_dir": str(data["cache"]),
+            "train.max_steps_per_epoch": 2,
+            "train.epochs": epochs,
+        }
+        space.update(
+            name=folder.name,
+            max_concurrent=2,
+            final_seeds=0,
+            scheduler={"kind": "none"},
+            mlflow={"tracking_uri": self.mlflow.uri, "experiment": f"mh-{folder.name}"},
+            storage_path=str(folder / "studies"),
+            **fields,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "space.yaml"
+        path.write_text(yaml.safe_dump(space, sort_keys=False))
+        return path
+
+    def driver(self, space: Path, log: Path, *more: str) -> subprocess.Popen:
+        """`python tune/run.py --space SPACE --address HEAD:6379 ...` on the head host."""
+        command = [str(PYTHON), str(RUN_PY), "--space", str(space), "--address", self.ray.address]
+        return self.hosts.popen(
+            self.ray.head,
+            [*command, *more],
+            cwd=REPO,
+            env=self.env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the driver loss kills all of it
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster_once() -> Iterator[Cluster]:
+    _hosts_or_skip()
+    base = Path(tempfile.mkdtemp(prefix="dsa", dir="/tmp"))  # short: Ray's Unix sockets
+    cluster = Cluster(base)
+    try:
+        yield cluster.start()
+    finally:
+        try:
+            cluster.close()
+        finally:
+            subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture
+def cluster(cluster_once) -> Cluster:
+    cluster_once.ensure_two_workers()
+    return cluster_once
+
+
+# ---------------------------------------------------------------------------- what a study left
+
+
+def report_lines(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every trial folder's reports.jsonl lines, by folder name (whatever names the folders)."""
+    found = {}
+    for path in sorted(root.glob("trials/*/reports.jsonl")):
+        found[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return found
+
+
+def run_study(cluster: Cluster, space: Path, log: Path, *more: str, timeout: float = 300) -> None:
+    proc = cluster.driver(space, log, *more)
+    try:
+        status = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the study did not end in {timeout} s:\n{log.read_text()[-3000:]}")
+    assert status == 0, log.read_text()[-4000:]
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    return found
+
+
+def assert_every_epoch_once(cluster: Cluster, root: Path, space: Path, samples: int) -> list:
+    """No trial lost, every finished epoch recorded exactly once in Optuna and in MLflow, no
+    MLflow trial run without its Optuna trial. Returns the trials."""
+    from mlflow import MlflowClient
+
+    name = yaml.safe_load(space.read_text())["name"]
+    trials = study_trials(root, name)
+    assert len(trials) == samples and all(t.state in FINISHED for t in trials), [
+        (t.number, t.state) for t in trials
+    ]
+    # Optuna: each trial's epochs 1..n, each once (recorded by epochs done), and each record is
+    # one epoch a worker reported: its time is that line's time in one trial folder.
+    lines = report_lines(root)
+    where = {line["time"]: (folder, line["epoch"]) for folder, ls in lines.items() for line in ls}
+    folder_of = {}
+    for t in trials:
+        records = epoch_records(t)
+        assert sorted(records) == list(range(1, len(records) + 1)), (t.number, sorted(records))
+        assert sorted(t.intermediate_values) == sorted(records)
+        homes = {where[r["time"]] for r in records.values()}
+        assert {epoch + 1 for _, epoch in homes} == set(records)
+        (folder_of[t.number],) = {folder for folder, _ in homes}
+    assert len(set(folder_of.values())) == samples == len(lines)  # one folder per trial
+    for t in trials:  # every epoch a worker finished is in Optuna (at most run twice)
+        epochs = [line["epoch"] for line in lines[folder_of[t.number]]]
+        assert sorted(set(epochs)) == list(range(len(epoch_records(t)))), (t.number, epochs)
+    # MLflow: one run per trial, found by its run key, each epoch's metrics once.
+    client = MlflowClient(tracking_uri=cluster.mlflow.uri)
+    experiment = client.get_experiment_by_name(yaml.safe_load(space.read_text())["mlflow"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    trial_runs = {}
+    for run in runs:
+        key = run.data.tags.get("dsanet.run_key", "")
+        if key.startswith("trial/"):
+            assert key not in trial_runs, f"two MLflow runs for {key}"
+            trial_runs[key] = run
+    assert set(trial_runs) == {f"trial/{t.number}" for t in trials}  # no orphan, none missing
+    for t in trials:
+        run = trial_runs[f"trial/{t.number}"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")]
+        assert sorted(steps) == list(range(len(epoch_records(t)))), (t.number, steps)
+    return trials
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_trials_run_on_several_hosts(cluster, tmp_path, xd_small):
+    space = cluster.space(tmp_path / "placed", xd_small, epochs=2, num_samples=2)
+    log = tmp_path / "driver.log"
+    run_study(cluster, space, log)
+    root = tmp_path / "placed" / "studies" / "placed"
+    nodes = {line["node"] for lines in report_lines(root).values() for line in lines}
+    workers = {w.ip for w in cluster.ray.live_workers()}
+    assert len(nodes) >= 2 and nodes <= workers, (nodes, workers)
+    assert f"ray         {cluster.ray.address}" in log.read_text()  # the cluster, joined
+    assert_every_epoch_once(cluster, root, space, samples=2)
