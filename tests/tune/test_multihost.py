@@ -281,3 +281,47 @@ def test_trials_run_on_several_hosts(cluster, tmp_path, xd_small):
     assert len(nodes) >= 2 and nodes <= workers, (nodes, workers)
     assert f"ray         {cluster.ray.address}" in log.read_text()  # the cluster, joined
     assert_every_epoch_once(cluster, root, space, samples=2)
+
+
+def test_a_lost_host_s_trial_is_retried_on_another(cluster, tmp_path, xd_small):
+    """A worker host dies mid-trial (every process SIGKILLed, its link down): Ray retries the
+    trial on the other host (the space's max_failures) and the study finishes, every epoch
+    recorded once."""
+    epochs = 4
+    space = cluster.space(tmp_path / "lost", xd_small, epochs=epochs, num_samples=2)
+    root, log = tmp_path / "lost" / "studies" / "lost", tmp_path / "driver.log"
+    proc = cluster.driver(space, log)
+    try:
+
+        def a_trial_past_its_first_epoch() -> str:
+            """The trial folder of a trial whose first epoch the driver has recorded."""
+            for folder, lines in report_lines(root).items():
+                if lines:
+                    recorded = [epoch_records(t) for t in study_trials(root, "lost")]
+                    if any(r.get(1, {}).get("time") == lines[0]["time"] for r in recorded):
+                        return folder
+            return ""
+
+        folder = wait_for(a_trial_past_its_first_epoch, proc, log)
+        time.sleep(3.0)  # Ray registers that epoch's checkpoint after the result (a round trip)
+        lines = report_lines(root)[folder]
+        assert lines[-1]["epoch"] < epochs - 1, "the trial ended before its host could be lost"
+        node = lines[-1]["node"]
+        lost = cluster.ray.host_of(node)
+        killed = cluster.hosts.kill(lost)
+        assert killed and not cluster.hosts.pids(lost)
+        status = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 0, log.read_text()[-4000:]
+    trials = assert_every_epoch_once(cluster, root, space, samples=2)
+    assert all(len(epoch_records(t)) == epochs for t in trials)
+    lines = [line for ls in report_lines(root).values() for line in ls]
+    moved = [ls for ls in report_lines(root).values() if {line["node"] for line in ls} >= {node}]
+    assert len(moved) == 1, "the lost host's trial"
+    (before_and_after,) = moved
+    assert before_and_after[-1]["node"] != node  # finished on the other host
+    restart = [line for line in before_and_after if line["node"] != node and line["resumed_at"] >= 0]
+    assert restart[0]["resumed_at"] > 0, "the retried trial started again from scratch"
+    assert not [line for line in lines if line["node"] == node and line["time"] > restart[0]["time"]]
