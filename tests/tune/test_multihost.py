@@ -325,3 +325,40 @@ def test_a_lost_host_s_trial_is_retried_on_another(cluster, tmp_path, xd_small):
     restart = [line for line in before_and_after if line["node"] != node and line["resumed_at"] >= 0]
     assert restart[0]["resumed_at"] > 0, "the retried trial started again from scratch"
     assert not [line for line in lines if line["node"] == node and line["time"] > restart[0]["time"]]
+
+
+def test_a_killed_driver_is_resumed_from_the_head(cluster, tmp_path, xd_small):
+    """The driver on the head host is SIGKILLed mid-study; the same command with --resume,
+    from the head host, finishes it: no trial lost, no epoch recorded twice, and the trials
+    that had finished are left as they were."""
+    epochs = 4
+    space = cluster.space(tmp_path / "resumed", xd_small, epochs=epochs, num_samples=2)
+    root = tmp_path / "resumed" / "studies" / "resumed"
+    first, second = tmp_path / "driver-1.log", tmp_path / "driver-2.log"
+    proc = cluster.driver(space, first)
+    try:
+
+        def mid_study() -> list:
+            """The trials, once one has an epoch recorded and more epochs to run."""
+            trials = study_trials(root, "resumed")
+            going = [t for t in trials if t.state == TrialState.RUNNING and epoch_records(t)]
+            return trials if any(len(epoch_records(t)) < epochs - 1 for t in going) else []
+
+        wait_for(mid_study, proc, first)
+        time.sleep(2.0)  # Ray registers the epoch's checkpoint after its result
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver's process group, on the head host
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, first.read_text()[-3000:]
+    before = {t.number: t for t in study_trials(root, "resumed")}
+    assert not all(t.state in FINISHED for t in before.values()), "killed after the study"
+    run_study(cluster, space, second, "--resume")
+    trials = assert_every_epoch_once(cluster, root, space, samples=2)
+    for t in trials:
+        assert len(epoch_records(t)) == epochs
+        if before.get(t.number) is not None and before[t.number].state in FINISHED:
+            assert epoch_records(t) == epoch_records(before[t.number])  # untouched
+        else:  # its records before the kill are kept as they were
+            old = epoch_records(before[t.number]) if t.number in before else {}
+            assert old.items() <= epoch_records(t).items()
