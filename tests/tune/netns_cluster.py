@@ -1,4 +1,4 @@
-"""Hosts for multi-host tests: Linux network namespaces on one machine, bridged on a 198.18/15 subnet.
+"""Hosts for multi-host tests: network namespaces of this machine, bridged on a 198.18/15 subnet.
 
 Each host is a network namespace with its own address (RFC 2544's benchmarking range, never
 routed) on a bridge in the root namespace, so the test process reaches every host directly;
@@ -188,6 +188,7 @@ class Hosts:
             except RuntimeError as exc:
                 problems.append(str(exc))
         left = self.leftovers()
+        self.hosts, self.bridge = [], ""  # closing again finds nothing to do
         if problems or left:
             raise RuntimeError(f"hosts not removed cleanly: {problems + left}")
 

@@ -209,7 +209,9 @@ def run_study(cluster: Cluster, space: Path, log: Path, *more: str, timeout: flo
         status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"the study did not end in {timeout} s:\n{log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"the study did not end in {timeout} s:\n{log.read_text()[-3000:]}"
+        ) from None
     assert status == 0, log.read_text()[-4000:]
 
 
@@ -217,7 +219,9 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 240)
     deadline = time.monotonic() + timeout
     while not (found := condition()):
         if proc.poll() is not None:
-            raise AssertionError(f"the driver exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"the driver exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in {timeout} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
@@ -252,7 +256,9 @@ def assert_every_epoch_once(cluster: Cluster, root: Path, space: Path, samples: 
         assert sorted(set(epochs)) == list(range(len(epoch_records(t)))), (t.number, epochs)
     # MLflow: one run per trial, found by its run key, each epoch's metrics once.
     client = MlflowClient(tracking_uri=cluster.mlflow.uri)
-    experiment = client.get_experiment_by_name(yaml.safe_load(space.read_text())["mlflow"]["experiment"])
+    experiment = client.get_experiment_by_name(
+        yaml.safe_load(space.read_text())["mlflow"]["experiment"]
+    )
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     trial_runs = {}
     for run in runs:
@@ -322,9 +328,13 @@ def test_a_lost_host_s_trial_is_retried_on_another(cluster, tmp_path, xd_small):
     assert len(moved) == 1, "the lost host's trial"
     (before_and_after,) = moved
     assert before_and_after[-1]["node"] != node  # finished on the other host
-    restart = [line for line in before_and_after if line["node"] != node and line["resumed_at"] >= 0]
+    restart = [
+        line for line in before_and_after if line["node"] != node and line["resumed_at"] >= 0
+    ]
     assert restart[0]["resumed_at"] > 0, "the retried trial started again from scratch"
-    assert not [line for line in lines if line["node"] == node and line["time"] > restart[0]["time"]]
+    assert not [
+        line for line in lines if line["node"] == node and line["time"] > restart[0]["time"]
+    ]
 
 
 def test_a_killed_driver_is_resumed_from_the_head(cluster, tmp_path, xd_small):
@@ -362,3 +372,256 @@ def test_a_killed_driver_is_resumed_from_the_head(cluster, tmp_path, xd_small):
         else:  # its records before the kill are kept as they were
             old = epoch_records(before[t.number]) if t.number in before else {}
             assert old.items() <= epoch_records(t).items()
+
+
+# ---------------------------------------------------------------------------- ray up, ray submit
+
+SSHD = Path("/usr/sbin/sshd")
+CLUSTER_YAML = REPO / "tune" / "cluster.yaml"
+SSH_OPTIONS = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes"]
+
+
+def _sshd_problem() -> str:
+    if not SSHD.is_file():
+        return f"{SSHD} is missing (Debian: apt-get install openssh-server rsync)"
+    if subprocess.run(["which", "rsync"], capture_output=True).returncode != 0:
+        return "rsync is missing (Debian: apt-get install rsync)"
+    return ""
+
+
+class SshHosts:
+    """Network-namespace machines, each with an sshd on its own address and its own home
+    (what `ray up` copies and sets up there), admitting one fresh key as root."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.hosts = base, Hosts()
+        self.key = base / "id_ed25519"
+        for path in (base / "host_key", self.key):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True
+            )
+        (base / "authorized_keys").write_text((base / "id_ed25519.pub").read_text())
+        self.local_home = base / "local"  # the user's machine: the root namespace
+        (self.local_home / ".ray").mkdir(parents=True)
+        self.machines = []
+
+    def add(self) -> Any:
+        host = self.hosts.add()
+        short = host.name.rsplit("-", 1)[1]
+        home = self.base / short
+        home.mkdir()
+        config = self.base / f"sshd-{short}"
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {host.ip}",
+                    "Port 22",
+                    f"HostKey {self.base / 'host_key'}",
+                    f"AuthorizedKeysFile {self.base / 'authorized_keys'}",
+                    f"PidFile {self.base / f'sshd-{short}.pid'}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                ]
+            )
+            + "\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        log = (self.base / f"sshd-{short}.log").open("w")
+        # Each machine its own home, a folder of the shared disk: root's passwd entry names it
+        # in the mount namespace that `ip netns exec` gives the host (sshd takes HOME from it,
+        # and ssh expands ~ by it, so HOME alone is not enough).
+        passwd = self.base / f"passwd-{short}"
+        passwd.write_text(
+            "".join(
+                ":".join([*f[:5], str(home), *f[6:]]) if f[0] == "root" else ":".join(f)
+                for f in (
+                    line.split(":") for line in Path("/etc/passwd").read_text().splitlines(True)
+                )
+            )
+        )
+        sshd = f"mount --bind {passwd} /etc/passwd && exec {SSHD} -D -e -f {config}"
+        self.hosts.popen(host, ["sh", "-c", sshd], stdout=log, stderr=subprocess.STDOUT)
+        self.machines.append((host, home))
+        return host, home
+
+    def wait_for_ssh(self, host: Any) -> None:
+        command = ["ssh", "-i", str(self.key), *(f"-o{o}" for o in SSH_OPTIONS), f"root@{host.ip}"]
+        deadline = time.monotonic() + 60
+        while subprocess.run([*command, "true"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"no sshd answers on {host.ip}"
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        try:
+            self.hosts.close()
+        finally:  # ssh clients that `ray up` left in this namespace (ControlPersist masters)
+            needle = str(self.key).encode()
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    if needle in cmdline.read_bytes() and alive(int(cmdline.parent.name)):
+                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                except (OSError, ValueError):
+                    continue
+
+
+@pytest.fixture
+def ssh_hosts() -> Iterator[SshHosts]:
+    _hosts_or_skip()
+    problem = _sshd_problem()
+    if problem:
+        if os.environ.get("CI") == "true" or os.environ.get("DSANET_REQUIRE_SSHD"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    base = Path(tempfile.mkdtemp(prefix="dsa", dir="/tmp"))
+    machines = SshHosts(base)
+    try:
+        yield machines
+    finally:
+        try:
+            machines.close()
+        finally:
+            subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def _launched_config(machines: SshHosts, name: str) -> dict:
+    """tune/cluster.yaml with the test's machines, key and short Ray temp dirs: its setup runs
+    this checkout's copy on each machine with this venv (instead of installing a new one), and
+    its start commands name each machine's address (Ray cannot find it in a namespace without a
+    default route) and leave out `ray stop` (it stops every Ray on this one real machine)."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    (head, _), *workers = machines.machines
+    auth = [c for c in config["setup_commands"] if "RAY_AUTH_MODE" in c]
+    assert auth, "tune/cluster.yaml no longer sets RAY_AUTH_MODE on the nodes"
+    own_ip = "$(hostname -I)"  # the addresses of this machine's (namespace's) interfaces
+    venv = PYTHON.parent.parent
+    config.update(
+        cluster_name=name,
+        setup_commands=[
+            f"echo 'source {venv}/bin/activate' >> ~/.bashrc",
+            "echo 'export PYTHONPATH=~/dsanet-hpo RAY_USAGE_STATS_ENABLED=0' >> ~/.bashrc",
+            # `--address auto` on the head: the launched cluster, not another Ray of this machine
+            f"echo 'export RAY_ADDRESS={head.ip}:6379' >> ~/.bashrc",
+            *auth,
+        ],
+        head_start_ray_commands=[
+            c + f" --node-ip-address={head.ip} --temp-dir={machines.base}/r{i}"
+            " --disable-usage-stats --object-store-memory=209715200"
+            for i, c in enumerate(config["head_start_ray_commands"])
+            if c.strip() != "ray stop"
+        ],
+        worker_start_ray_commands=[
+            c + f" --node-ip-address={own_ip} --num-cpus=1 --temp-dir=$HOME/r"
+            " --disable-usage-stats --object-store-memory=209715200"
+            for c in config["worker_start_ray_commands"]
+            if c.strip() != "ray stop"
+        ],
+    )
+    config["provider"].update(head_ip=head.ip, worker_ips=[w.ip for w, _ in workers])
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": str(machines.key)}
+    return config
+
+
+def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
+    machines = ssh_hosts
+    for _ in range(3):
+        machines.add()
+    for host, _ in machines.machines:
+        machines.wait_for_ssh(host)
+    name = f"dsanet-mh-{os.getpid()}"
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(_launched_config(machines, name), sort_keys=False))
+    env = {
+        **os.environ,
+        "HOME": str(machines.local_home),
+        "RAY_TMPDIR": str(machines.base / "local-ray"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    log = tmp_path / "ray-cli.log"
+
+    def ray_cli(*args: str, timeout: float) -> str:
+        with log.open("a") as out:
+            out.write(f"$ ray {' '.join(args)}\n")
+            out.flush()
+            done = subprocess.run(
+                [str(RAY), *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        output = log.read_text()
+        assert done.returncode == 0, f"ray {args[0]}: {output[-4000:]}"
+        return output
+
+    space = tmp_path / "launched" / "space.yaml"
+    space.parent.mkdir()
+    tree = yaml.safe_load(DEMO_SPACE.read_text())
+    del tree["synthetic"]
+    tree["overrides"].update(
+        {
+            "data.list_dir": str(xd_small["lists"]),
+            "data.feature_root": str(xd_small["features"]),
+            "data.cache_dir": str(xd_small["cache"]),
+            "train.max_steps_per_epoch": 2,
+            "train.epochs": 2,
+        }
+    )
+    tree.update(name="launched", scheduler={"kind": "none"}, max_concurrent=2)
+    tree["mlflow"]["experiment"] = "mh-launched"
+    space.write_text(yaml.safe_dump(tree, sort_keys=False))
+    studies = tmp_path / "launched" / "studies"
+    ray_cli("get-auth-token", "--generate", timeout=120)
+    try:
+        ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
+        output = ray_cli(
+            "submit", "--no-config-cache", str(config), "tune/run.py", "--",
+            "--space", str(space), "--address", "auto", "--num-samples", "2",
+            "--final-seeds", "1", "--storage-path", str(studies),
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        for leftover in Path(tempfile.gettempdir(), "ray").glob(f"cluster-{name}.*"):
+            leftover.unlink()
+    root = studies / "launched"
+    trials = study_trials(root, "launched")
+    assert len(trials) == 2 and all(t.state in FINISHED for t in trials), output[-3000:]
+    assert "ray         auto" in output, output[-3000:]  # the driver joined the launched cluster
+    nodes = {line["node"] for lines in report_lines(root).values() for line in lines}
+    workers = {host.ip: home for host, home in machines.machines[1:]}
+    assert nodes and nodes <= set(workers), (nodes, workers)  # trials on launched workers
+    # Ray 2.60's autoscaler started one of the two worker IPs of min_workers: 2 here (it first
+    # counted the head as a worker); the study waits for CPUs, so one is enough to finish.
+    head_home = machines.machines[0][1]
+    assert (head_home / "run.py").is_file()  # what `ray submit` uploaded and ran
+    token = (machines.local_home / ".ray" / "auth_token").read_text()
+    for home in [head_home, *(workers[node] for node in nodes)]:  # file_mounts, setup
+        assert (home / "dsanet-hpo" / "tune" / "run.py").is_file()
+        assert not (home / "dsanet-hpo" / ".venv").exists()  # .gitignore filter
+        assert (home / ".ray" / "auth_token").read_text() == token
+        assert "export RAY_AUTH_MODE=token" in (home / ".bashrc").read_text()
+    summary = json.loads((root / "final" / "summary.json").read_text())
+    assert "auc" in json.dumps(summary)
+
+
+# ---------------------------------------------------------------------------- leftovers
+
+
+def test_closing_the_cluster_leaves_nothing(cluster_once):
+    """Last: the module's cluster, after the kills above, is removed completely."""
+    hosts = cluster_once.hosts
+    names = [h.name for h in hosts.hosts]
+    links = [h.link for h in hosts.hosts] + [hosts.bridge]
+    pids = [pid for host in hosts.hosts for pid in hosts.pids(host)]
+    pids += [p.pid for p in hosts.started if p.poll() is None]
+    assert names and pids, "nothing was running"
+    cluster_once.close()
+    assert hosts.leftovers() == []
+    assert not [pid for pid in pids if alive(pid)]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in names if n in namespaces.split()]
+    shown = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert not [link for link in links if f" {link}:" in shown or f" {link}@" in shown]
