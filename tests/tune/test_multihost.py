@@ -42,11 +42,17 @@ MLFLOW_PORT = 5000  # on the head host's own address: no other process can hold 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def _required(variable: str) -> bool:
+    """In CI (CI=true, or .ci/run's DSANET_REQUIRE_* as root) a missing tool is a failure: CI
+    runs as root with the tools installed, and a skip there would hide a break."""
+    return os.environ.get("CI") == "true" or bool(os.environ.get(variable))
+
+
 def _hosts_or_skip() -> None:
-    """Skip with one line where namespaces cannot be made; in CI (CI=true) fail instead."""
+    """Skip with one line where namespaces cannot be made; fail instead in CI."""
     problem = netns_problem()
     if problem:
-        if os.environ.get("CI") == "true":  # CI runs as root with iproute2: a skip hides a break
+        if _required("DSANET_REQUIRE_NETNS"):
             pytest.fail(problem)
         pytest.skip(problem)
 
@@ -472,7 +478,7 @@ def ssh_hosts() -> Iterator[SshHosts]:
     _hosts_or_skip()
     problem = _sshd_problem()
     if problem:
-        if os.environ.get("CI") == "true" or os.environ.get("DSANET_REQUIRE_SSHD"):
+        if _required("DSANET_REQUIRE_SSHD"):
             pytest.fail(problem)
         pytest.skip(problem)
     base = Path(tempfile.mkdtemp(prefix="dsa", dir="/tmp"))
