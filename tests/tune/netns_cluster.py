@@ -229,17 +229,25 @@ class RayCluster:
     def address(self) -> str:
         return f"{self.head.ip}:{self.PORT}"
 
-    def _start(self, host: Host, *args: str, timeout: float = 180) -> None:
+    def _start(self, host: Host, *args: str, timeout: float = 300, tries: int = 2) -> None:
+        """`ray start` on `host`. Ray gives a new node 30 s (fixed) to register with the GCS;
+        on a shared, busy machine that can pass, so a failed start is cleared (every process
+        in the host, its temp dir) and tried again."""
         temp = self.base / host.name.rsplit("-", 1)[1]  # /tmp/dsaXXXX/h1
         command = [
             str(self.ray), "start", "--node-ip-address", host.ip, "--temp-dir", str(temp),
             "--disable-usage-stats", "--object-store-memory", str(200 << 20), *args,
         ]  # fmt: skip
-        done = self.hosts.run(
-            host, command, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"ray start on {host.name} failed:\n{done.stderr[-3000:]}")
+        for attempt in range(1, tries + 1):
+            done = self.hosts.run(
+                host, command, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+            if done.returncode == 0:
+                return
+            if attempt == tries:
+                raise RuntimeError(f"ray start on {host.name} failed:\n{done.stderr[-3000:]}")
+            self.hosts._kill_all(host)
+            shutil.rmtree(temp, ignore_errors=True)
 
     def start_head(self) -> Host:
         self.head = self.hosts.add()
@@ -250,26 +258,14 @@ class RayCluster:
         return self.head
 
     def add_workers(self, count: int) -> list[Host]:
-        """`count` new worker hosts of 1 CPU each, started side by side."""
-        new = [self.hosts.add() for _ in range(count)]
-        errors: list[BaseException] = []
-
-        def start(host: Host) -> None:
-            try:
-                self._start(host, "--address", self.address, "--num-cpus", "1", "--num-gpus", "0")
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        import threading
-
-        threads = [threading.Thread(target=start, args=(h,)) for h in new]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        self.workers += new
+        """`count` new worker hosts of 1 CPU each (one after the other: on 2 busy cores, side
+        by side starts ran past Ray's 30 s registration limit)."""
+        new = []
+        for _ in range(count):
+            host = self.hosts.add()
+            self._start(host, "--address", self.address, "--num-cpus", "1", "--num-gpus", "0")
+            self.workers.append(host)
+            new.append(host)
         return new
 
     def live_workers(self) -> list[Host]:
