@@ -587,7 +587,7 @@ def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
             "submit", "--no-config-cache", str(config), "tune/run.py", "--",
             "--space", str(space), "--address", "auto", "--num-samples", "2",
             "--final-seeds", "1", "--storage-path", str(studies),
-            timeout=300,
+            timeout=540,
         )  # fmt: skip
     finally:
         for leftover in Path(tempfile.gettempdir(), "ray").glob(f"cluster-{name}.*"):
