@@ -229,7 +229,7 @@ class RayCluster:
     def address(self) -> str:
         return f"{self.head.ip}:{self.PORT}"
 
-    def _start(self, host: Host, *args: str, timeout: float = 300, tries: int = 2) -> None:
+    def _start(self, host: Host, *args: str, timeout: float = 300, tries: int = 3) -> None:
         """`ray start` on `host`. Ray gives a new node 30 s (fixed) to register with the GCS;
         on a shared, busy machine that can pass, so a failed start is cleared (every process
         in the host, its temp dir) and tried again."""

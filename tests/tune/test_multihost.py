@@ -582,7 +582,10 @@ def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
     studies = tmp_path / "launched" / "studies"
     ray_cli("get-auth-token", "--generate", timeout=120)
     try:
-        ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
+        try:
+            ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
+        except AssertionError:  # Ray gives a node 30 s to register: a busy machine can pass it
+            ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
         output = ray_cli(
             "submit", "--no-config-cache", str(config), "tune/run.py", "--",
             "--space", str(space), "--address", "auto", "--num-samples", "2",
