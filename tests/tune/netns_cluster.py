@@ -3,7 +3,7 @@
 Each host is a network namespace with its own address (RFC 2544's benchmarking range, never
 routed) on a bridge in the root namespace, so the test process reaches every host directly;
 the hosts share this machine's file system, which stands in for a cluster's NFS. Names carry
-this process's id (`dsa<pid>-...`): parallel sessions and leftovers of a crashed one never
+this process's id (`dsa<pid><letter>-...`): parallel sessions and leftovers of a crashed one never
 collide, and each session picks a /24 that no interface of the root namespace uses.
 
 `Hosts.close()` removes everything the harness made, each by name or by pid: the processes in
@@ -15,9 +15,11 @@ name by pid (no `pkill`, no `ray stop`).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import shutil
 import signal
+import string
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -70,6 +72,15 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("every /24 of 198.18.0.0/15 is in use on this machine")
 
 
+_made = itertools.count()
+
+
+def _new_prefix() -> str:
+    """`dsa<pid><letter>-`: this process's id, and a letter per Hosts of the process (a test
+    may make its own while the module's still run). Link names stay within 15 characters."""
+    return f"dsa{os.getpid()}{string.ascii_lowercase[next(_made) % 26]}-"
+
+
 @dataclass
 class Host:
     name: str  # the network namespace
@@ -82,7 +93,7 @@ class Host:
 class Hosts:
     """Network-namespace hosts of one test session; `close()` removes all of them."""
 
-    prefix: str = field(default_factory=lambda: f"dsa{os.getpid()}-")
+    prefix: str = field(default_factory=lambda: _new_prefix())
     subnet: ipaddress.IPv4Network = field(default_factory=_free_subnet)
     hosts: list[Host] = field(default_factory=list)
     started: list[subprocess.Popen] = field(default_factory=list)
