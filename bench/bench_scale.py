@@ -55,6 +55,20 @@ EXPERIMENT = "scale"
 # ---------------------------------------------------------------------------- the space
 
 
+def stock_space() -> dict[str, Any]:
+    """The demo space's parameters as a stock Ray user writes them (ray.tune samplers)."""
+    from ray import tune
+
+    return {
+        "optim.lr": tune.loguniform(1e-5, 1e-3),
+        "model.num_prototypes": tune.choice([4, 8, 16]),
+        "model.normal_ratio": tune.uniform(0.5, 0.95),
+        "text.adapt_layers": tune.choice([0, 1, 2]),
+        "text.adapter_weight": tune.uniform(0.05, 0.8),
+        "loss.w_align": tune.loguniform(0.5, 10.0),
+    }
+
+
 def scale_space(folder: Path, trials: int, tracking_uri: str) -> Path:
     """search_spaces/demo.yaml with N trials, 16 at a time on gpu 1 / cpu 0.1, no final stage."""
     space = load_yaml_file(REPO / "search_spaces" / "demo.yaml")
@@ -363,12 +377,7 @@ def leg_stock(folder: Path, trials: int, uri: str) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     log = folder / "stock_epochs.jsonl"
     param_space = {
-        "optim.lr": tune.loguniform(1e-5, 1e-3),
-        "model.num_prototypes": tune.choice([4, 8, 16]),
-        "model.normal_ratio": tune.uniform(0.5, 0.95),
-        "text.adapt_layers": tune.choice([0, 1, 2]),
-        "text.adapter_weight": tune.uniform(0.05, 0.8),
-        "loss.w_align": tune.loguniform(0.5, 10.0),
+        **stock_space(),
         "_log": str(log),
         "_max_t": sched["max_t"],
     }
@@ -546,7 +555,6 @@ def growth(sizes: list[int], folder: Path) -> dict[str, Any]:
 
     import optuna
     from optuna.trial import TrialState, create_trial
-    from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     from tune.searcher import EPOCHS_ATTR, RAY_TRIAL_ATTR, OptunaSearcher, open_study
@@ -563,14 +571,7 @@ def growth(sizes: list[int], folder: Path) -> dict[str, Any]:
     probe.on_trial_complete("probe", error=True)
     rng = random.Random(0)
     stock = OptunaSearch(
-        space={
-            "optim.lr": tune.loguniform(1e-5, 1e-3),
-            "model.num_prototypes": tune.choice([4, 8, 16]),
-            "model.normal_ratio": tune.uniform(0.5, 0.95),
-            "text.adapt_layers": tune.choice([0, 1, 2]),
-            "text.adapter_weight": tune.uniform(0.05, 0.8),
-            "loss.w_align": tune.loguniform(0.5, 10.0),
-        },
+        space=stock_space(),
         metric="val_ap",
         mode="max",
         seed=0,

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_fixtures import alive
+
 RANGE = ipaddress.ip_network("198.18.0.0/15")
 
 
@@ -49,15 +51,6 @@ def ip(*args: str, ns: str | None = None) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
     return done.stdout
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

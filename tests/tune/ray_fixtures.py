@@ -173,9 +173,9 @@ def kill_study(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
         time.sleep(0.2)
-    survivors = [pid for pid in family if _alive(pid)]
+    survivors = [pid for pid in family if alive(pid)]
     assert not survivors, f"processes of the killed study still alive: {survivors}"
 
 
@@ -196,7 +196,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
