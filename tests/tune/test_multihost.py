@@ -29,7 +29,7 @@ import yaml
 from conftest import MlflowServer
 from netns_cluster import Hosts, RayCluster, alive, netns_problem
 from optuna.trial import TrialState
-from ray_fixtures import REPO, RUN_PY, study_trials
+from ray_fixtures import REPO, RUN_PY, mlflow_children, study_trials
 
 from tune.searcher import epoch_records
 
@@ -614,6 +614,11 @@ def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
         assert "export RAY_AUTH_MODE=token" in (home / ".bashrc").read_text()
     summary = json.loads((root / "final" / "summary.json").read_text())
     assert "auc" in json.dumps(summary)
+    keys = sorted(r.data.tags["dsanet.run_key"] for r in mlflow_children(root))  # one run each
+    finals = [k for k in keys if k.startswith("final/seed_")]
+    assert len(finals) == 1 and sorted(set(keys) - set(finals)) == sorted(
+        f"trial/{t.number}" for t in trials
+    ), keys
 
 
 # ---------------------------------------------------------------------------- leftovers

@@ -107,7 +107,7 @@ def test_study_on_postgres_survives_a_killed_tracking_server(
             epochs = sorted(int(step) for step in trial.user_attrs["epochs"])
             history = client.get_metric_history(run.info.run_id, "val_ap")
             assert sorted(m.step for m in history) == [e - 1 for e in epochs]  # each once
-            lines = reports(root, trial.user_attrs["ray_trial_id"])
+            lines = reports(root, trial.number)
             assert [line["epoch"] for line in lines] == [e - 1 for e in epochs]
             assert run.info.status == "FINISHED"
     finally:
