@@ -35,7 +35,7 @@ from conftest import MlflowServer
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from ray_fixtures import (
-    _alive,
+    alive,
     descendants,
     kill_study,
     load_study,
@@ -226,9 +226,9 @@ def stop_with_children(process: subprocess.Popen) -> None:
         process.kill()
         process.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while (alive := [pid for pid in family if _alive(pid)]) and time.monotonic() < deadline:
+    while (living := [pid for pid in family if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in alive:
+    for pid in living:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
