@@ -231,41 +231,42 @@ class OptunaSearcher(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
-        self._tell(trial_id, result, error)
         number = self._trials.get(trial_id)
-        if number is not None and self._frozen(number).state.is_finished():
+        if number is not None and self._tell(number, trial_id, result, error):
             # Only a trial still RUNNING in Optuna resumes: the rest need no optimizer state.
             (StudyFolder(self._study_dir).trial_dir(number) / STATE_FILES[0]).unlink(
                 missing_ok=True
             )
 
-    def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
-        number = self._trials.get(trial_id)
-        if number is None or self._frozen(number).state.is_finished():
-            return  # not ours, or already told
+    def _tell(self, number: int, trial_id: str, result: dict | None, error: bool) -> bool:
+        """Tell Optuna how the trial ended; whether it has ended (False: interrupted)."""
+        if self._frozen(number).state.is_finished():
+            return True  # already told
         # Debug lines: the driver's console (tune/console.py) prints each of these endings.
         if error:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
             log.debug("Optuna trial %d (Ray %s): FAIL", number, trial_id)
-            return
+            return True
         if result:  # the last result: Ray skips on_trial_result when the scheduler stops
             self._record(number, result)
         epochs = epoch_records(self._frozen(number))
         done = max(epochs, default=0)
         if done >= self._max_t:
-            self._tell_complete(number, epochs)
-        elif self._pruned is not None and self._pruned(number):
+            self._tell_complete(number, epochs)  # COMPLETE, or FAIL on non-finite values
+            return True
+        if self._pruned is not None and self._pruned(number):
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             log.debug("Optuna trial %d (Ray %s): PRUNED after %d epochs", number, trial_id, done)
-        else:
-            log.debug(
-                "Optuna trial %d (Ray %s) stopped after %d of %d epochs without a scheduler "
-                "decision (interrupted); it stays RUNNING for --resume",
-                number,
-                trial_id,
-                done,
-                self._max_t,
-            )
+            return True
+        log.debug(
+            "Optuna trial %d (Ray %s) stopped after %d of %d epochs without a scheduler "
+            "decision (interrupted); it stays RUNNING for --resume",
+            number,
+            trial_id,
+            done,
+            self._max_t,
+        )
+        return False
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the Optuna study is this searcher's state, and a driver never

@@ -590,8 +590,9 @@ def accepted_epochs(
 ) -> list[tuple[int, int, dict[str, float]]]:
     """(epoch, report time in ms, numbers measured) of each epoch Optuna holds for `trial`.
 
-    The trainable writes each epoch's numbers to the trial's reports before Ray receives them;
-    a restart may write an epoch again. The line kept is the one whose report time Optuna
+    The trainable writes each epoch's numbers to the trial's reports before Ray receives them,
+    one line per epoch (a restart reports its epochs with their lines' times); a folder of an
+    older version may hold an epoch twice. The line kept is the one whose report time Optuna
     recorded with the epoch; a record without a time keeps the epoch's last line; an epoch
     without a line keeps the objective values Optuna holds.
     """
