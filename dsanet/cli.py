@@ -42,9 +42,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from dsanet.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # bad input fails before torch loads
     from dsanet.trainer import fit
 
-    cfg = load_config(args.config, args.overrides)
     result = fit(cfg, resume=not args.restart)
     _print_result(result)
     return 0

@@ -103,8 +103,24 @@ def test_reference_protocol_selects_on_test(tiny, tmp_path):
     assert "test_map_avg" in result.history[0]
 
 
+def test_dsanet_command_answers_bad_input_as_users_run_it():
+    """The default suite's subprocess run of `python -m dsanet`: bad input, exit 2, one line on
+    stderr, before the trainer (torch, open_clip) is imported. It trains in the slow test below."""
+    run = subprocess.run(
+        [sys.executable, "-m", "dsanet", "train", "--config", "demo", "model.attn_window=60"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == "", run
+    assert run.stderr.startswith("error: ") and "model.attn_window=60" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 3 and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow  # a subprocess that imports torch and open_clip (13 s here) and trains
 def test_cli_train_then_evaluate(tiny, tmp_path, capsys):
-    """The one subprocess run of `python -m dsanet`; the evaluation of its run is in-process."""
+    """`python -m dsanet train` in a subprocess; the evaluation of its run is in-process."""
     out = tmp_path / "cli"
     args = tiny_run_overrides(tiny, out) + [TINY_VAL, *ONE_STEP]
     run = subprocess.run(
@@ -135,7 +151,7 @@ def test_cli_train_then_evaluate(tiny, tmp_path, capsys):
     ],
 )
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
-    """In-process `main(argv)`: the subprocess path is covered by test_cli_train_then_evaluate."""
+    """In-process `main(argv)`: the subprocess path is covered by the two tests above."""
     (tmp_path / "broken.yaml").write_text("model: {num_prototypes: 4\n")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(load_config("demo").to_yaml())

@@ -112,24 +112,15 @@ class MlflowServer:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _mlflow_server_launched(request, tmp_path_factory) -> Iterator[MlflowServer | None]:
-    """The session's tracking server, launched at the first search test when a test of the
-    session uses `mlflow_server`: its 8-18 s start overlaps the tests that come before."""
-    if not any("mlflow_server" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).launch()
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """One tracking server for the session (each test uses its own experiment), started at its
+    first use (its tests share an xdist worker: tests/conftest.py)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     try:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(_mlflow_server_launched) -> MlflowServer:
-    """One tracking server for the session; each test uses its own experiment."""
-    return _mlflow_server_launched.wait_until_up()
 
 
 @pytest.fixture

@@ -313,20 +313,20 @@ def test_each_objective_gets_its_kept_value(tmp_path):
     assert parents[0].data.metrics == {"best_val_ap": 0.8, "best_loss_total": 1.0, "best_epoch": 0}
 
 
-def test_an_existing_experiment_opens_in_the_model_training_view(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    client.create_experiment("plain", str(tmp_path / "a"))
-    client.create_experiment("chosen", str(tmp_path / "b"), tags={"mlflow.experimentKind": "x"})
-    for name in ("plain", "chosen"):
-        spec = write_space(tmp_path / name, name, uri)
+def test_an_existing_experiment_opens_in_the_model_training_view(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.uri)
+    plain, chosen = f"plain-{tmp_path.name}", f"chosen-{tmp_path.name}"  # the session's server
+    client.create_experiment(plain, str(tmp_path / "a"))
+    client.create_experiment(chosen, str(tmp_path / "b"), tags={"mlflow.experimentKind": "x"})
+    for name in (plain, chosen):
+        spec = write_space(tmp_path / name, name, mlflow_server.uri)
         open_study(spec, tmp_path / name / "study")
-        MlflowView(tmp_path / name / "study", spec, uri).start()
-    kinds = {
-        name: client.get_experiment_by_name(name).tags["mlflow.experimentKind"]
-        for name in ("plain", "chosen")
-    }
-    assert kinds == {"plain": "custom_model_development", "chosen": "x"}  # a user's kind stays
+        MlflowView(tmp_path / name / "study", spec, mlflow_server.uri).start()
+    kinds = [
+        client.get_experiment_by_name(name).tags["mlflow.experimentKind"]
+        for name in (plain, chosen)
+    ]
+    assert kinds == ["custom_model_development", "x"]  # a user's kind stays
 
 
 def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
