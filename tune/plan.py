@@ -344,6 +344,9 @@ def describe(plan: Plan) -> str:
     searcher = spec.searcher.kind + (
         f" (seed {spec.searcher.seed}, {spec.searcher.n_startup_trials} random start-up trials)"
     )
+    conditional = [p.name for p in spec.params if p.condition]
+    if spec.searcher.kind == "gp" and conditional:
+        searcher += f"; conditional {', '.join(conditional)} sampled at random"
     return "\n".join(
         [
             f"study {spec.name}: {spec.num_samples} trials, {spec.max_concurrent} at a time, "
