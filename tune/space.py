@@ -79,7 +79,7 @@ class SearcherSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    kind: Literal["asha", "none"] = "asha"
+    kind: Literal["asha", "asha-promotion", "none"] = "asha"  # asha stops, promotion pauses
     max_t: int = 1  # epochs; train.epochs of the base config unless the file gives it
     grace_period: int = 1
     reduction_factor: float = 3.0
