@@ -222,6 +222,43 @@ def test_asha_stops_are_pruned_in_optuna(tmp_path, xd_small, local_ray):
 
 
 @pytest.mark.slow
+def test_promotion_asha_pauses_resumes_and_ends_every_trial(tmp_path, xd_small, local_ray):
+    """asha-promotion on a real Ray: a trial paused at a rung is restarted by Ray without a
+    checkpoint, replays its folder and trains on; each epoch is recorded once in Optuna and
+    MLflow, and no trial is left running or paused."""
+    scheduler = {"kind": "asha-promotion", "max_t": MAX_T, "grace_period": 1}
+    space = write_space(
+        tmp_path,
+        xd_small,
+        scheduler={**scheduler, "reduction_factor": 2},
+        num_samples=6,
+        max_concurrent=1,
+    )
+    assert run(space) == 0
+    root = tmp_path / "studies" / "t"
+    trials = study_trials(root)
+    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
+    resumed = []
+    for t in trials:
+        lines = reports(root, t.number)
+        assert [line["epoch"] for line in lines] == [e - 1 for e in epochs_of(t)], t.number
+        assert sorted(t.intermediate_values) == epochs_of(t)
+        starts = [line for line in lines if line["resumed_at"] >= 0]  # each run's first line
+        assert all(line["resumed_at"] == line["epoch"] for line in starts)  # from last.pt
+        resumed += [t.number] * any(line["resumed_at"] > 0 for line in starts)
+        done = len(epochs_of(t))
+        assert (t.state == TrialState.COMPLETE) == (done == MAX_T), t.number
+        assert not (root / "trials" / str(t.number) / "last.pt").exists()
+    assert resumed, "no paused trial was promoted and resumed"
+    # The rungs the driver held are the ones a resume would rebuild: paused = ended PRUNED.
+    rebuilt = rebuilt_asha(space, root)
+    assert rebuilt.paused() == {}
+    for t in trials:
+        assert rebuilt.pruned(t.number) == (t.state == TrialState.PRUNED)
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
 def test_multi_objective_prunes_on_the_first_and_fronts_complete_trials(
     tmp_path, xd_small, local_ray
 ):
