@@ -195,3 +195,29 @@ def test_a_restarted_driver_rebuilds_the_rungs_and_judges_a_paused_trial_again(t
     assert after.next_to_run() == "b2"
     assert after.epochs("b2", [0.7, 0.8, 0.85]) == [GO, GO, STOP]
     assert after.searcher.study.trials[number["b"]].state == TrialState.COMPLETE
+
+
+def test_a_retried_trial_keeps_its_promotion_and_a_failed_one_is_told_fail(tmp_path):
+    spec = make_spec(tmp_path, num_samples=4)
+    live = promotion_of(spec)
+    ray = Controller(OptunaSearcher(spec, tmp_path / "study", pruned=live.pruned), live, 4)
+    ray.add("a")
+    ray.add("b")
+    assert ray.epochs("a", [0.5]) == [PAUSE]
+    assert ray.epochs("b", [0.7]) == [GO]  # promoted at rung 1; then its worker is lost
+    # Ray's retry restarts it from scratch (TuneController._try_recover): the folder replays
+    # epoch 1, which the promotion it was granted lets through, and training goes on.
+    assert ray.epochs("b", [0.7, 0.8]) == [GO, PAUSE]  # alone at rung 2
+    number = {i: t.config[OPTUNA_KEY] for i, t in ray.trials.items()}
+    assert live.rungs()[1][1] == {number["a"]: 0.5, number["b"]: 0.7}  # recorded once
+    ray.add("c")
+    assert ray.epochs("c", [0.6]) == [PAUSE]
+    assert ray.next_to_run() is None  # nothing promotable (rung 1: top 1 of 3 is b)
+    ray.add("d")
+    ray.scheduler.on_trial_error(ray, ray.trials["d"])  # d fails past its retries
+    ray.limiter.on_trial_complete("d", error=True)
+    ray.trials["d"].set_status(Trial.ERROR)
+    assert ray.searcher.study.trials[3].state == TrialState.FAIL
+    assert ray.next_to_run() is None  # all asked, nothing runs: a, b, c end PRUNED
+    states = [t.state for t in ray.searcher.study.trials]
+    assert states == [TrialState.PRUNED] * 3 + [TrialState.FAIL]
