@@ -271,6 +271,7 @@ def _console(plan: Plan, scheduler: Any) -> Any:
         pruned=getattr(scheduler, "pruned", None),
         rungs=rung_epochs(plan.spec.scheduler) if asha else None,
         ray_dir=plan.ray_dir,
+        paused=getattr(scheduler, "paused", None),
     )
 
 
