@@ -259,6 +259,28 @@ def test_promotion_asha_pauses_resumes_and_ends_every_trial(tmp_path, xd_small, 
 
 
 @pytest.mark.slow
+def test_a_gp_study_runs_and_models_once_its_start_up_completed(tmp_path, xd_small, local_ray):
+    """searcher gp on a real Ray: the driver's GPSampler proposes the trials asked after its
+    start-up trials completed; every trial is told and kept once in MLflow."""
+    space = write_space(
+        tmp_path,
+        xd_small,
+        searcher={"kind": "gp", "seed": 0, "n_startup_trials": 2},
+        scheduler={"kind": "none"},
+        points_to_evaluate=[],
+        num_samples=4,
+        max_concurrent=1,
+    )
+    assert run(space) == 0
+    root = tmp_path / "studies" / "t"
+    trials = study_trials(root)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    modelled = [any(k.startswith("gp:") for k in t.system_attrs) for t in trials]
+    assert modelled == [False, False, True, True]
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
 def test_multi_objective_prunes_on_the_first_and_fronts_complete_trials(
     tmp_path, xd_small, local_ray
 ):
