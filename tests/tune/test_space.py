@@ -276,7 +276,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-scheduler",
         {"scheduler": "hyperband"},
-        r"scheduler\.kind='hyperband' is not one of \['asha', 'none'\]",
+        r"scheduler\.kind='hyperband' is not one of \['asha', 'asha-promotion', 'none'\]",
     ),
     (
         "max-t-above-epochs",
