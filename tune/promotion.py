@@ -27,6 +27,7 @@ judged again too.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +39,8 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from tune.searcher import OPTUNA_KEY, STEP_KEY, epoch_records
+
+log = logging.getLogger(__name__)
 
 
 class PromotionASHA(FIFOScheduler):
@@ -168,6 +171,13 @@ class PromotionASHA(FIFOScheduler):
                     self._record(trial.number, step, entry["values"][0])
             if trial.state == TrialState.PRUNED:
                 self._pruned.add(trial.number)
+        records = sum(len(recorded) for recorded in self._rungs.values())
+        if records:
+            log.info(
+                "promotion ASHA's rungs rebuilt from the Optuna study: %d records, %d pruned",
+                records,
+                len(self._pruned),
+            )
 
 
 class PromotionLimiter(ConcurrencyLimiter):

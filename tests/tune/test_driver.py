@@ -382,6 +382,52 @@ def test_sigkill_mid_trial_then_resume_loses_and_repeats_nothing(tmp_path, xd_sm
 
 
 @pytest.mark.slow
+def test_sigkill_with_a_trial_paused_then_resume_judges_it_again(tmp_path, xd_small, ray_tmp):
+    """asha-promotion: the driver is killed while a trial waits paused at a rung; the resumed
+    driver rebuilds the rungs, adopts the paused trial, which replays its folder and is judged
+    again, and every trial ends with each epoch recorded once."""
+    scheduler = {"kind": "asha-promotion", "max_t": MAX_T, "grace_period": 1}
+    space = write_space(
+        tmp_path,
+        xd_small,
+        scheduler={**scheduler, "reduction_factor": 2},
+        num_samples=5,
+        max_concurrent=1,
+    )
+    root, log = tmp_path / "studies" / "t", tmp_path / "1.log"
+    proc = start_study(["--space", str(space), "--final-seeds", "0"], log, ray_tmp)
+    try:
+        wait_for(lambda: "paused at rung epoch" in log.read_text(), proc, timeout=300)
+    finally:
+        kill_study(proc)
+    left = [t for t in study_trials(root) if t.state == TrialState.RUNNING and epochs_of(t)]
+    assert left and all((root / "trials" / str(t.number) / "last.pt").is_file() for t in left)
+    resumed = start_study(
+        ["--space", str(space), "--final-seeds", "0", "--resume"], tmp_path / "2.log", ray_tmp
+    )
+    assert resumed.wait(timeout=420) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    assert (
+        "promotion ASHA's rungs rebuilt from the Optuna study" in (tmp_path / "2.log").read_text()
+    )
+    trials = study_trials(root)
+    assert len(trials) == 5 and all(t.state in FINISHED for t in trials)
+    for t in trials:
+        assert [line["epoch"] for line in reports(root, t.number)] == [
+            e - 1 for e in epochs_of(t)
+        ], t.number
+        assert (t.state == TrialState.COMPLETE) == (len(epochs_of(t)) == MAX_T)
+        assert not (root / "trials" / str(t.number) / "last.pt").exists()
+    for before in left:  # adopted under its number: its epochs were kept, none run twice
+        after = trials[before.number]
+        assert epochs_of(after)[: len(epochs_of(before))] == epochs_of(before)
+        assert after.user_attrs.get("adopted_from") == before.user_attrs["ray_trial_id"]
+    rebuilt = rebuilt_asha(space, root)
+    for t in trials:
+        assert rebuilt.pruned(t.number) == (t.state == TrialState.PRUNED)
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
 def test_resume_after_a_kill_before_any_trial_reported(tmp_path, xd_small, ray_tmp):
     one_epoch = tiny_overrides(xd_small, **{"train.epochs": 1})
     space = write_space(
