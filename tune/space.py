@@ -74,7 +74,7 @@ EXPERIMENT_LIMIT = 200  # characters of an MLflow experiment name
 class SearcherSpec:
     kind: Literal["tpe", "random", "gp"] = "tpe"  # Optuna TPE, random, or Gaussian process
     seed: int = 0
-    n_startup_trials: int = 10  # random trials before the model kicks in (gp: COMPLETE ones)
+    n_startup_trials: int = 10  # TPE: random trials before the model kicks in
 
 
 @dataclass(frozen=True)
