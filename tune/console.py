@@ -38,7 +38,8 @@ class Console(Callback):
 
     `pruned(number)`: whether the scheduler stopped that Optuna trial early (StudyASHA.pruned);
     None without a scheduler that prunes. `rungs`: the epochs at which ASHA decides; `ray_dir`:
-    this driver run's Ray folder, where a failed trial's `<ray id>/error.txt` is.
+    this driver run's Ray folder, where a failed trial's `<ray id>/error.txt` is. `paused()`:
+    {Optuna number: rung} of the trials promotion ASHA holds paused (PromotionASHA.paused).
     """
 
     def __init__(
@@ -49,7 +50,9 @@ class Console(Callback):
         ray_dir: Path | None = None,
         every: float = SUMMARY_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        paused: Callable[[], dict[int, float]] | None = None,
     ) -> None:
+        self._paused = paused
         self._metric, self._mode, self._max_t = spec.metric, spec.mode[0], spec.scheduler.max_t
         self._names = short_names([p.name for p in spec.params])
         self._pruned, self._rungs = pruned, {int(r) for r in rungs or ()}
@@ -82,7 +85,11 @@ class Console(Callback):
         stopped = self._pruned is not None and self._pruned(trial.config.get(OPTUNA_KEY))
         # A prune is said when the trial ends, as is the last rung, max_t: it completes there.
         if int(step) in self._rungs and int(step) < self._max_t and not stopped:
-            self._say(trial, f"kept at rung epoch {int(step)}: {self._values(values)}")
+            number = trial.config.get(OPTUNA_KEY)
+            if self._paused is not None and self._paused().get(number) == int(step):
+                self._say(trial, f"paused at rung epoch {int(step)}: {self._values(values)}")
+            else:
+                self._say(trial, f"kept at rung epoch {int(step)}: {self._values(values)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(trial, f"failed; retrying{self._error_file(trial)}")

@@ -188,7 +188,6 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
     own experiment state is never loaded: it is pickled, and a study folder may come from
     someone else; the study folder holds all a resume needs."""
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
     from tune.searcher import finished_trials
     from tune.trainable import STUDY_KEY, run_trial
@@ -202,7 +201,7 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
         tune.with_resources(run_trial, resources),
         param_space={STUDY_KEY: {"dir": str(plan.root), "max_t": spec.scheduler.max_t}},
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+            search_alg=_limiter(searcher, scheduler, spec.max_concurrent),
             scheduler=scheduler,
             num_samples=remaining,
             reuse_actors=True,  # a worker starts in seconds here; reuse it across trials
@@ -217,6 +216,18 @@ def _fit(plan: Plan, study: Any, searcher: Any, scheduler: Any, view: Any) -> No
         ),
     )
     tuner.fit()
+
+
+def _limiter(searcher: Any, scheduler: Any, max_concurrent: int) -> Any:
+    """At most max_concurrent trials at a time; under promotion ASHA paused ones do not count,
+    and a paused trial waiting for promotion goes before a new one."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune.promotion import PromotionASHA, PromotionLimiter
+
+    if isinstance(scheduler, PromotionASHA):
+        return PromotionLimiter(searcher, max_concurrent, scheduler)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
 def _missing_resources(spec: SpaceSpec, have: dict[str, float]) -> str:
@@ -254,12 +265,13 @@ def _console(plan: Plan, scheduler: Any) -> Any:
     from tune.console import Console
     from tune.scheduler import rung_epochs
 
-    asha = plan.spec.scheduler.kind == "asha"
+    asha = plan.spec.scheduler.kind != "none"
     return Console(
         plan.spec,
         pruned=getattr(scheduler, "pruned", None),
         rungs=rung_epochs(plan.spec.scheduler) if asha else None,
         ray_dir=plan.ray_dir,
+        paused=getattr(scheduler, "paused", None),
     )
 
 

@@ -333,7 +333,7 @@ def describe(plan: Plan) -> str:
     spec, s, r = plan.spec, plan.spec.scheduler, plan.spec.resources
     goal = ", ".join(f"{m} ({d})" for m, d in zip(spec.metric, spec.mode, strict=True))
     scheduler = f"none: every trial runs {s.max_t} epochs"
-    if s.kind == "asha":
+    if s.kind != "none":
         from tune.scheduler import rung_epochs
 
         rungs = ", ".join(f"{m:g}" for m in rung_epochs(s))
@@ -341,9 +341,14 @@ def describe(plan: Plan) -> str:
             f"ASHA on {spec.metric[0]}: max_t {s.max_t} epochs, rungs at epochs {rungs}, "
             f"reduction factor {s.reduction_factor:g}"
         )
+        if s.kind == "asha-promotion":
+            scheduler += "; a trial below a rung's cut is paused, and resumed if promoted"
     searcher = spec.searcher.kind + (
         f" (seed {spec.searcher.seed}, {spec.searcher.n_startup_trials} random start-up trials)"
     )
+    conditional = [p.name for p in spec.params if p.condition]
+    if spec.searcher.kind == "gp" and conditional:
+        searcher += f"; conditional {', '.join(conditional)} sampled at random"
     return "\n".join(
         [
             f"study {spec.name}: {spec.num_samples} trials, {spec.max_concurrent} at a time, "

@@ -161,7 +161,7 @@ def _best_on(study: optuna.Study, index: int) -> FrozenTrial | None:
 
 def _rungs(spec: SpaceSpec) -> list[float]:
     """ASHA's rung epochs, or none without ASHA (or where Ray cannot say)."""
-    if spec.scheduler.kind != "asha":
+    if spec.scheduler.kind == "none":
         return []
     try:
         from tune.scheduler import rung_epochs

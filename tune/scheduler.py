@@ -126,17 +126,31 @@ def _key(trial: Any) -> SimpleNamespace:
 
 
 def build_scheduler(spec: SpaceSpec, study: optuna.Study | None = None) -> TrialScheduler:
-    """ASHA on the first objective with the rungs of `study`'s trials, or FIFO for kind none."""
+    """ASHA on the first objective with the rungs of `study`'s trials (stopping, or promotion:
+    `tune/promotion.py`), or FIFO for kind none."""
     s = spec.scheduler
     if s.kind == "none":
         return FIFOScheduler()
+    history = study.get_trials(deepcopy=False) if study is not None else ()
+    if s.kind == "asha-promotion":
+        from tune.promotion import PromotionASHA
+
+        return PromotionASHA(
+            metric=spec.metric[0],
+            mode=spec.mode[0],
+            max_t=s.max_t,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+            max_concurrent=spec.max_concurrent,
+            history=history,
+        )
     return StudyASHA(
         metric=spec.metric[0],
         mode=spec.mode[0],
         max_t=s.max_t,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
-        history=study.get_trials(deepcopy=False) if study is not None else (),
+        history=history,
     )
 
 

@@ -42,6 +42,7 @@ STUDY_ID_ATTR = "study_id"  # a random id fixed at creation: the study's runs in
 POINTS_ATTR = "points_enqueued"
 SIZE_ATTR = "num_samples"  # the study's planned trial count, fixed when it starts
 SCHEDULER_ATTR = "scheduler"  # the scheduler settings, fixed when it starts (scheduler_settings)
+SEARCHER_ATTR = "searcher"  # the searcher's kind, fixed when it starts
 STEP_KEY = "epochs_done"  # result key: epochs completed (ASHA's time; the epochs attr's key)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -80,7 +81,8 @@ def open_study(spec: SpaceSpec, study_dir: Path, storage: Any = None) -> optuna.
         study.set_user_attr(SIZE_ATTR, spec.num_samples)
     if STUDY_ID_ATTR not in study.user_attrs:
         study.set_user_attr(STUDY_ID_ATTR, uuid.uuid4().hex)
-    _pin_scheduler(study, spec, study_dir)
+    _pin(study, SCHEDULER_ATTR, scheduler_settings(spec), spec, study_dir)
+    _pin(study, SEARCHER_ATTR, {"kind": spec.searcher.kind}, spec, study_dir)
     # A resumed study must not replay the sampler's random stream from the start.
     study.sampler = make_sampler(spec.searcher, offset=len(study.get_trials(deepcopy=False)))
     return study
@@ -100,14 +102,17 @@ def scheduler_settings(spec: SpaceSpec) -> dict[str, Any]:
     }
 
 
-def _pin_scheduler(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> None:
-    """Record the scheduler settings when the study starts; refuse other ones on a resume."""
-    current = scheduler_settings(spec)
-    stored = study.user_attrs.get(SCHEDULER_ATTR)
+def _pin(
+    study: optuna.Study, attr: str, current: dict[str, Any], spec: SpaceSpec, study_dir: Path
+) -> None:
+    """Record settings (`attr`: scheduler or searcher) when the study starts; refuse other ones
+    on a resume. A sampler's model is fitted to the trials another one proposed, and ASHA's
+    rungs and the PRUNED states are the scheduler's, so neither changes under a study."""
+    stored = study.user_attrs.get(attr)
     if stored is not None and not isinstance(stored, dict):
         stored = {}  # not a record of settings: every setting counts as changed
     if stored is None:
-        study.set_user_attr(SCHEDULER_ATTR, current)
+        study.set_user_attr(attr, current)
         return
     changed = sorted(k for k in current.keys() | stored.keys() if stored.get(k) != current.get(k))
     if changed:
@@ -115,9 +120,9 @@ def _pin_scheduler(study: optuna.Study, spec: SpaceSpec, study_dir: Path) -> Non
         was = ", ".join(f"{name[k]} {brief(stored.get(k))}" for k in changed[:8])
         now = ", ".join(f"{k} {current.get(k)!r}" for k in changed if k in current)
         raise ValueError(
-            f"{StudyFolder(study_dir).optuna_db}: study {spec.name!r} was started with scheduler "
+            f"{StudyFolder(study_dir).optuna_db}: study {spec.name!r} was started with {attr} "
             f"settings {was}; the space now gives {now}. Resume with the study's original "
-            f"scheduler settings, or use another --storage-path"
+            f"{attr} settings, or use another --storage-path"
         )
 
 
@@ -125,6 +130,14 @@ def make_sampler(searcher: SearcherSpec, offset: int = 0) -> optuna.samplers.Bas
     seed = searcher.seed + offset
     if searcher.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if searcher.kind == "gp":
+        # No constant liar to set: GPSampler conditions each ask on the trials still RUNNING
+        # (q-batch expected improvement over their parameters), so parallel asks spread out.
+        # Conditional parameters fall outside the space every complete trial shares and are
+        # sampled at random, which the plan says once instead of a warning per trial.
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=searcher.n_startup_trials, warn_independent_sampling=False
+        )
     # constant_liar: trials still running count as bad guesses, so parallel asks spread out.
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=searcher.n_startup_trials, constant_liar=True

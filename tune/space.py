@@ -72,14 +72,14 @@ EXPERIMENT_LIMIT = 200  # characters of an MLflow experiment name
 
 @dataclass(frozen=True)
 class SearcherSpec:
-    kind: Literal["tpe", "random"] = "tpe"  # Optuna TPE, or random sampling
+    kind: Literal["tpe", "random", "gp"] = "tpe"  # Optuna TPE, random, or Gaussian process
     seed: int = 0
     n_startup_trials: int = 10  # TPE: random trials before the model kicks in
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    kind: Literal["asha", "none"] = "asha"
+    kind: Literal["asha", "asha-promotion", "none"] = "asha"  # asha stops, promotion pauses
     max_t: int = 1  # epochs; train.epochs of the base config unless the file gives it
     grace_period: int = 1
     reduction_factor: float = 3.0
@@ -320,6 +320,7 @@ def _parse_settings(
     settings = build(Settings, raw, source)
     _check_bounds(settings, _BOUNDS)
     _check_scheduler(settings.scheduler, base.train.epochs)
+    _check_gp(settings)
     _check_resources(settings.resources, base.train.device)
     _check_mlflow(settings.mlflow)
     if not settings.storage_path:
@@ -356,6 +357,28 @@ def _check_scheduler(sch: SchedulerSpec, epochs: int) -> None:
             "scheduler.reduction_factor",
             f"{sch.reduction_factor} puts {rungs:.3g} ASHA rungs between grace_period "
             f"{sch.grace_period} and max_t {sch.max_t}, more than {RUNGS_LIMIT}; use e.g. 2 or 3",
+        )
+
+
+def _check_gp(settings: Settings) -> None:
+    """GPSampler fits COMPLETE trials only, and counts only them towards its random start-up:
+    under ASHA, which lets about 1/reduction_factor of the trials through each rung, a start-up
+    longer than the trials that can complete leaves the whole study random."""
+    s, sch = settings.searcher, settings.scheduler
+    if s.kind != "gp" or sch.kind == "none":
+        return
+    cuts = sum(
+        1 for i in range(RUNGS_LIMIT + 1) if sch.grace_period * sch.reduction_factor**i < sch.max_t
+    )
+    complete = int(settings.num_samples / sch.reduction_factor**cuts)
+    if s.n_startup_trials > complete:
+        fail(
+            "searcher.n_startup_trials",
+            f"{s.n_startup_trials} with kind gp: the Gaussian process counts only trials that "
+            f"reach max_t, and ASHA ({cuts} rung(s) below max_t {sch.max_t}, reduction factor "
+            f"{sch.reduction_factor:g}) lets about {complete} of the {settings.num_samples} "
+            f"through; set n_startup_trials <= {complete}, scheduler none, or searcher tpe "
+            f"(which learns from pruned trials too)",
         )
 
 

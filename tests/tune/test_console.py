@@ -55,6 +55,17 @@ def test_each_trial_event_is_one_line_with_its_optuna_number_and_ray_id(tmp_path
     assert prune == "trial 4 (ray r_p) pruned at epoch 1: val_ap=0.2000"
 
 
+def test_a_trial_paused_by_promotion_asha_is_said_paused(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    console = Console(spec, pruned=lambda n: False, rungs=[1, 2], paused=lambda: {5: 1})
+    feed(console, trial(spec, 5, "r_w"), [0.3])
+    feed(console, trial(spec, 6, "r_k"), [0.8])
+    assert capsys.readouterr().out.splitlines() == [
+        "trial 5 (ray r_w) paused at rung epoch 1: val_ap=0.3000",
+        "trial 6 (ray r_k) kept at rung epoch 1: val_ap=0.8000",
+    ]
+
+
 def test_an_errored_trial_says_where_its_error_is(tmp_path, capsys):
     spec = make_spec(tmp_path)
     t = trial(spec, 7, "r_e")

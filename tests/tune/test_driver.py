@@ -222,6 +222,65 @@ def test_asha_stops_are_pruned_in_optuna(tmp_path, xd_small, local_ray):
 
 
 @pytest.mark.slow
+def test_promotion_asha_pauses_resumes_and_ends_every_trial(tmp_path, xd_small, local_ray):
+    """asha-promotion on a real Ray: a trial paused at a rung is restarted by Ray without a
+    checkpoint, replays its folder and trains on; each epoch is recorded once in Optuna and
+    MLflow, and no trial is left running or paused."""
+    scheduler = {"kind": "asha-promotion", "max_t": MAX_T, "grace_period": 1}
+    space = write_space(
+        tmp_path,
+        xd_small,
+        scheduler={**scheduler, "reduction_factor": 2},
+        num_samples=6,
+        max_concurrent=1,
+    )
+    assert run(space) == 0
+    root = tmp_path / "studies" / "t"
+    trials = study_trials(root)
+    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
+    resumed = []
+    for t in trials:
+        lines = reports(root, t.number)
+        assert [line["epoch"] for line in lines] == [e - 1 for e in epochs_of(t)], t.number
+        assert sorted(t.intermediate_values) == epochs_of(t)
+        starts = [line for line in lines if line["resumed_at"] >= 0]  # each run's first line
+        assert all(line["resumed_at"] == line["epoch"] for line in starts)  # from last.pt
+        resumed += [t.number] * any(line["resumed_at"] > 0 for line in starts)
+        done = len(epochs_of(t))
+        assert (t.state == TrialState.COMPLETE) == (done == MAX_T), t.number
+        assert not (root / "trials" / str(t.number) / "last.pt").exists()
+    assert resumed, "no paused trial was promoted and resumed"
+    # The rungs the driver held are the ones a resume would rebuild: paused = ended PRUNED.
+    rebuilt = rebuilt_asha(space, root)
+    assert rebuilt.paused() == {}
+    for t in trials:
+        assert rebuilt.pruned(t.number) == (t.state == TrialState.PRUNED)
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
+def test_a_gp_study_runs_and_models_once_its_start_up_completed(tmp_path, xd_small, local_ray):
+    """searcher gp on a real Ray: the driver's GPSampler proposes the trials asked after its
+    start-up trials completed; every trial is told and kept once in MLflow."""
+    space = write_space(
+        tmp_path,
+        xd_small,
+        searcher={"kind": "gp", "seed": 0, "n_startup_trials": 2},
+        scheduler={"kind": "none"},
+        points_to_evaluate=[],
+        num_samples=4,
+        max_concurrent=1,
+    )
+    assert run(space) == 0
+    root = tmp_path / "studies" / "t"
+    trials = study_trials(root)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    modelled = [any(k.startswith("gp:") for k in t.system_attrs) for t in trials]
+    assert modelled == [False, False, True, True]
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
 def test_multi_objective_prunes_on_the_first_and_fronts_complete_trials(
     tmp_path, xd_small, local_ray
 ):
@@ -319,6 +378,52 @@ def test_sigkill_mid_trial_then_resume_loses_and_repeats_nothing(tmp_path, xd_sm
     for t in trials:
         assert asha_after.pruned(t.number) == (t.state == TrialState.PRUNED)
         assert not asha_before.pruned(t.number) or asha_after.pruned(t.number)
+    assert_mlflow_matches(root, trials)
+
+
+@pytest.mark.slow
+def test_sigkill_with_a_trial_paused_then_resume_judges_it_again(tmp_path, xd_small, ray_tmp):
+    """asha-promotion: the driver is killed while a trial waits paused at a rung; the resumed
+    driver rebuilds the rungs, adopts the paused trial, which replays its folder and is judged
+    again, and every trial ends with each epoch recorded once."""
+    scheduler = {"kind": "asha-promotion", "max_t": MAX_T, "grace_period": 1}
+    space = write_space(
+        tmp_path,
+        xd_small,
+        scheduler={**scheduler, "reduction_factor": 2},
+        num_samples=5,
+        max_concurrent=1,
+    )
+    root, log = tmp_path / "studies" / "t", tmp_path / "1.log"
+    proc = start_study(["--space", str(space), "--final-seeds", "0"], log, ray_tmp)
+    try:
+        wait_for(lambda: "paused at rung epoch" in log.read_text(), proc, timeout=300)
+    finally:
+        kill_study(proc)
+    left = [t for t in study_trials(root) if t.state == TrialState.RUNNING and epochs_of(t)]
+    assert left and all((root / "trials" / str(t.number) / "last.pt").is_file() for t in left)
+    resumed = start_study(
+        ["--space", str(space), "--final-seeds", "0", "--resume"], tmp_path / "2.log", ray_tmp
+    )
+    assert resumed.wait(timeout=420) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    assert (
+        "promotion ASHA's rungs rebuilt from the Optuna study" in (tmp_path / "2.log").read_text()
+    )
+    trials = study_trials(root)
+    assert len(trials) == 5 and all(t.state in FINISHED for t in trials)
+    for t in trials:
+        assert [line["epoch"] for line in reports(root, t.number)] == [
+            e - 1 for e in epochs_of(t)
+        ], t.number
+        assert (t.state == TrialState.COMPLETE) == (len(epochs_of(t)) == MAX_T)
+        assert not (root / "trials" / str(t.number) / "last.pt").exists()
+    for before in left:  # adopted under its number: its epochs were kept, none run twice
+        after = trials[before.number]
+        assert epochs_of(after)[: len(epochs_of(before))] == epochs_of(before)
+        assert after.user_attrs.get("adopted_from") == before.user_attrs["ray_trial_id"]
+    rebuilt = rebuilt_asha(space, root)
+    for t in trials:
+        assert rebuilt.pruned(t.number) == (t.state == TrialState.PRUNED)
     assert_mlflow_matches(root, trials)
 
 

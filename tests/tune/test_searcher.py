@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from ray_fixtures import MAX_T, write_space
@@ -21,6 +22,7 @@ from tune.searcher import (
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
     SCHEDULER_ATTR,
+    SEARCHER_ATTR,
     STEP_KEY,
     OptunaSearcher,
     open_study,
@@ -216,3 +218,36 @@ def test_scheduler_settings_of_a_stored_study_must_match(tmp_path, changed, need
     assert needle in str(error.value) and "--storage-path" in str(error.value)
     again = open_study(make_spec(tmp_path), tmp_path / "study")  # the same settings: resumed
     assert again.user_attrs[SCHEDULER_ATTR] == pinned
+
+
+def test_a_gp_study_is_told_each_end_and_keeps_its_sampler(tmp_path):
+    """searcher.kind gp: Optuna's GPSampler proposes once enough trials completed (pruned ones
+    do not count, nor inform it), also while another trial runs; the bookkeeping is the same as
+    TPE's, and a resume with another kind is refused."""
+    gp = {"kind": "gp", "seed": 0, "n_startup_trials": 2}
+    spec = make_spec(tmp_path, searcher=gp, num_samples=8, points_to_evaluate=[])
+    searcher = OptunaSearcher(spec, tmp_path / "study", pruned=lambda n: n == 2)
+    assert isinstance(searcher.study.sampler, optuna.samplers.GPSampler)
+    for trial_id, scores in (("a", [0.3, 0.5, 0.4]), ("b", [0.6, 0.6, 0.7]), ("c", [0.1])):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, result=run_epochs(searcher, trial_id, scores))
+    states = [trial_of(searcher, t).state for t in "abc"]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trial_of(searcher, "b").value == pytest.approx(0.7)
+    assert trial_of(searcher, "c").intermediate_values == {1: 0.1}
+    searcher.suggest("d")
+    searcher.suggest("e")  # asked while d runs: d's parameters are a pending point
+    for trial_id in "de":
+        attrs = searcher.study.trials[trial_of(searcher, trial_id).number].system_attrs
+        assert any(key.startswith("gp:relative_params") for key in attrs), trial_id
+    searcher.on_trial_complete("d", result=run_epochs(searcher, "d", [0.2, 0.3, 0.4]))
+    assert trial_of(searcher, "d").state == TrialState.COMPLETE
+    assert trial_of(searcher, "e").state == TrialState.RUNNING
+    assert searcher.study.user_attrs[SEARCHER_ATTR] == {"kind": "gp"}
+
+    tpe = {**gp, "kind": "tpe"}
+    with pytest.raises(ValueError, match="started with searcher settings kind 'gp'") as error:
+        open_study(make_spec(tmp_path, searcher=tpe, num_samples=8), tmp_path / "study")
+    assert "kind 'tpe'" in str(error.value) and "--storage-path" in str(error.value)
+    again = open_study(make_spec(tmp_path, searcher=gp, num_samples=8), tmp_path / "study")
+    assert isinstance(again.sampler, optuna.samplers.GPSampler)  # the same kind: resumed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -263,12 +264,19 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown-searcher",
         {"searcher": {"kind": "cmaes"}},
-        r"searcher\.kind='cmaes' is not one of \['tpe', 'random'\]",
+        r"searcher\.kind='cmaes' is not one of \['tpe', 'random', 'gp'\]",
+    ),
+    (
+        "gp-start-up-longer-than-asha-lets-complete",
+        {"searcher": {"kind": "gp", "n_startup_trials": 2}, "num_samples": 6},
+        r"searcher\.n_startup_trials: 2 with kind gp: the Gaussian process counts only trials "
+        r"that reach max_t, and ASHA \(2 rung\(s\) below max_t 4, reduction factor 2\) lets "
+        r"about 1 of the 6 through; set n_startup_trials <= 1, scheduler none, or searcher tpe",
     ),
     (
         "unknown-scheduler",
         {"scheduler": "hyperband"},
-        r"scheduler\.kind='hyperband' is not one of \['asha', 'none'\]",
+        r"scheduler\.kind='hyperband' is not one of \['asha', 'asha-promotion', 'none'\]",
     ),
     (
         "max-t-above-epochs",
@@ -618,6 +626,33 @@ def test_good_space_loads(tmp_path: Path):
         "model.num_prototypes",
     ]
     assert spec.metric == ("val_ap",) and spec.mode == ("max",)
+
+
+def test_gp_takes_categorical_conditional_and_multi_objective_spaces(tmp_path: Path):
+    """GPSampler (Optuna 5) models categorical parameters and several objectives; a conditional
+    parameter is sampled at random, which the plan says. Without ASHA every trial completes, so
+    any start-up fits."""
+    from tune.plan import describe
+
+    tree = {**GOOD, "metric": ["val_ap", "val_auc"], "mode": ["max", "max"], "scheduler": "none"}
+    tree["searcher"] = {"kind": "gp", "seed": 1, "n_startup_trials": 4}
+    spec = load_space(write(tmp_path, tree))
+    assert spec.searcher.kind == "gp" and len(spec.metric) == 2
+    plan = SimpleNamespace(
+        spec=spec,
+        root=tmp_path,
+        resume=False,
+        data_note="",
+        tracking_uri="",
+        address=None,
+        final_seeds=0,
+    )
+    assert (
+        "gp (seed 1, 4 random start-up trials); conditional model.num_prototypes sampled "
+        "at random;" in describe(plan)
+    )
+    asha = {**GOOD, "searcher": {"kind": "gp", "n_startup_trials": 1}}
+    assert load_space(write(tmp_path, asha, "asha.yaml")).searcher.n_startup_trials == 1
 
 
 def test_yaml_syntax_error(tmp_path: Path):
