@@ -115,12 +115,17 @@ def best_of(complete: Iterable[FrozenTrial], maximize: Sequence[bool]) -> Frozen
     """The complete trial best on the first objective; ties go to the next objectives, then to
     the lower number. With several objectives it is on the Pareto front: no trial is better on
     the first, and none of those tied with it dominates it."""
+    return max(complete, key=ranking(maximize), default=None)
+
+
+def ranking(maximize: Sequence[bool]) -> Callable[[FrozenTrial], tuple]:
+    """The key `best_of` maximises over complete trials: no two trials rank equal."""
     signs = [1.0 if m else -1.0 for m in maximize]
 
     def rank(t: FrozenTrial) -> tuple:
         return (*(s * v for s, v in zip(signs, t.values, strict=True)), -t.number)
 
-    return max(complete, key=rank, default=None)
+    return rank
 
 
 def best_config(study: optuna.Study, spec: SpaceSpec) -> ExperimentConfig | None:

@@ -30,9 +30,11 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from bisect import bisect_right, insort
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ from tune.layout import (
     read_config,
 )
 from tune.plan import PROTOCOL_NOTES
-from tune.report import best_of
+from tune.report import ranking
 from tune.searcher import (
     OPTUNA_KEY,
     RAY_TRIAL_ATTR,
@@ -68,7 +70,7 @@ from tune.searcher import (
 from tune.space import SpaceSpec, trial_config
 from tune.trainable import report_lines
 
-__all__ = ["PARENT", "RUN_STATUS", "MlflowView", "TrackingUnavailable"]
+__all__ = ["PARENT", "RUN_STATUS", "MlflowView", "Standings", "TrackingUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,42 @@ class _Run:
     state: str = "RUNNING"  # MLflow's status (an older view ended pruned runs KILLED)
 
 
+class Standings:
+    """The study as the view last read its trials: how many are in each state, and the best
+    complete one (`tune.report.best_of`) with its place among complete trials in order of
+    completion. Each read of a trial updates them by what changed in it, so a trial's end
+    costs the same at 10 trials and at 10,000; the driver's first sync reads every trial once,
+    which builds them for a resumed study."""
+
+    def __init__(self, maximize: Sequence[bool]) -> None:
+        self.trials: dict[int, FrozenTrial] = {}  # each trial as its last read
+        self.counts: Counter[TrialState] = Counter()
+        self.best: FrozenTrial | None = None
+        self._rank = ranking(maximize)
+        self._completed: list[datetime] = []  # when each complete trial completed, in order
+
+    def update(self, trial: FrozenTrial) -> None:
+        """Take `trial` as read now, in place of its previous read (if any)."""
+        old = self.trials.get(trial.number)
+        self.trials[trial.number] = trial
+        if old is not None:
+            self.counts[old.state] -= 1
+        self.counts[trial.state] += 1
+        # Optuna never changes a finished trial, so a complete one enters the ranking once.
+        if trial.state != TrialState.COMPLETE or (old is not None and old.state == trial.state):
+            return
+        insort(self._completed, trial.datetime_complete)  # trials told late land in place
+        if self.best is None or self._rank(trial) > self._rank(self.best):
+            self.best = trial
+
+    def place(self) -> int:
+        """The best trial's place among the complete trials in order of completion (1-based;
+        those completed at the same time count before it); 0 before one completes."""
+        if self.best is None:
+            return 0
+        return bisect_right(self._completed, self.best.datetime_complete)
+
+
 class MlflowView(Callback):
     """The study's MLflow record, kept up to date by Tune events and by `sync`.
 
@@ -143,7 +181,7 @@ class MlflowView(Callback):
         self._dirty: set[str] = set()  # run keys to sync
         self._errors: dict[str, str] = {}  # run key -> its error line (trials: from Ray)
         self._git: dict[str, str] = {}  # the parent's git tags, read once
-        self._trials: dict[int, FrozenTrial] = {}  # each trial as its last sync read it
+        self._standings = Standings([m == "max" for m in spec.mode])  # the trials' own reads
         self._files_due = True  # the parent's report/ files: logged by a whole-study sync
         self._ended = ""  # the parent's final status, once the driver ends
         self._outage_since: float | None = None
@@ -350,22 +388,21 @@ class MlflowView(Callback):
         place among complete trials in order of completion and with its completion time, so a
         new winner (which completed later) is the latest value MLflow shows, each winner is
         one point of a best-so-far curve, and syncing again writes nothing new."""
-        trials = self._trials.values()  # as read by the trials' own syncs: no store read
-        count = Counter(t.state for t in trials)
+        standings = self._standings  # as read by the trials' own syncs: no store read
+        count = standings.counts
         protocol = self.spec.base.data.protocol
         note = (
-            f"Study {self.spec.name}: {len(trials)} trials ({count[TrialState.COMPLETE]} "
+            f"Study {self.spec.name}: {len(standings.trials)} trials ({count[TrialState.COMPLETE]} "
             f"complete, {count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed, "
             f"{count[TrialState.RUNNING]} running or interrupted); data.protocol={protocol}: "
             f"{PROTOCOL_NOTES[protocol]}."
         )
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = best_of(complete, [m == "max" for m in self.spec.mode])
+        best = standings.best
         if best is None or f"trial/{best.number}" not in self._runs:
             return [], {TAG_NOTE: note + " No trial has completed yet."}
         run, kept = self._runs[f"trial/{best.number}"], kept_step(epoch_records(best)) - 1
         stamp = int(best.datetime_complete.timestamp() * 1000)
-        place = sum(t.datetime_complete <= best.datetime_complete for t in complete)
+        place = standings.place()
         values = dict(zip(self.spec.metric, best.values, strict=False))
         metrics = [Metric(f"best_{k}", v, stamp, place) for k, v in values.items()]
         metrics.append(Metric("best_epoch", kept, stamp, place))
@@ -394,7 +431,7 @@ class MlflowView(Callback):
         self._log(run, metrics, tags | _error_tag(self._errors.get(key)))
         run.epochs = len(epochs)
         self._end(run, key, folder, _TRIAL_STATUS.get(trial.state) or self._unfinished(key))
-        self._trials[number] = trial
+        self._standings.update(trial)
 
     def _kept(
         self, records: Mapping[int, Mapping[str, Any]], done: int, logged: Mapping[str, float]

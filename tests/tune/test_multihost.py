@@ -385,6 +385,11 @@ def test_a_killed_driver_is_resumed_from_the_head(cluster, tmp_path, xd_small):
 SSHD = Path("/usr/sbin/sshd")
 CLUSTER_YAML = REPO / "tune" / "cluster.yaml"
 SSH_OPTIONS = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes"]
+# Run on the head by `ray exec`: the addresses of the nodes alive in the launched cluster.
+ALIVE_NODES = (
+    "python -c \"import json, ray; ray.init(); print('alive nodes:', json.dumps(sorted("
+    "n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))\""
+)
 
 
 def _sshd_problem() -> str:
@@ -586,6 +591,16 @@ def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
             ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
         except AssertionError:  # Ray gives a node 30 s to register: a busy machine can pass it
             ray_cli("up", "-y", "--no-config-cache", str(config), timeout=600)
+        # `ray up` returns once the head runs; its autoscaler then starts every worker IP.
+        workers = {host.ip: home for host, home in machines.machines[1:]}
+        alive: list[str] = []
+        deadline = time.monotonic() + 300
+        while set(alive) != set(workers) and time.monotonic() < deadline:
+            time.sleep(5)
+            output = ray_cli("exec", "--no-config-cache", str(config), ALIVE_NODES, timeout=120)
+            alive = json.loads(output.rsplit("alive nodes: ", 1)[1].splitlines()[0])
+            alive = [ip for ip in alive if ip != machines.machines[0][0].ip]
+        assert set(alive) == set(workers), (alive, workers, output[-3000:])
         output = ray_cli(
             "submit", "--no-config-cache", str(config), "tune/run.py", "--",
             "--space", str(space), "--address", "auto", "--num-samples", "2",
@@ -600,14 +615,11 @@ def test_ray_up_then_ray_submit_on_three_hosts(ssh_hosts, tmp_path, xd_small):
     assert len(trials) == 2 and all(t.state in FINISHED for t in trials), output[-3000:]
     assert "ray         auto" in output, output[-3000:]  # the driver joined the launched cluster
     nodes = {line["node"] for lines in report_lines(root).values() for line in lines}
-    workers = {host.ip: home for host, home in machines.machines[1:]}
     assert nodes and nodes <= set(workers), (nodes, workers)  # trials on launched workers
-    # Ray 2.60's autoscaler started one of the two worker IPs of min_workers: 2 here (it first
-    # counted the head as a worker); the study waits for CPUs, so one is enough to finish.
     head_home = machines.machines[0][1]
     assert (head_home / "run.py").is_file()  # what `ray submit` uploaded and ran
     token = (machines.local_home / ".ray" / "auth_token").read_text()
-    for home in [head_home, *(workers[node] for node in nodes)]:  # file_mounts, setup
+    for home in [head_home, *workers.values()]:  # file_mounts, setup
         assert (home / "dsanet-hpo" / "tune" / "run.py").is_file()
         assert not (home / "dsanet-hpo" / ".venv").exists()  # .gitignore filter
         assert (home / ".ray" / "auth_token").read_text() == token

@@ -13,16 +13,28 @@ import json
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from conftest import free_port, write_space
 from mlflow import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.experiment import Trial
 
 from dsanet.config import field_names
 from tune.layout import StudyFolder
-from tune.searcher import OPTUNA_KEY, REPORTED_KEY, STEP_KEY, OptunaSearcher, open_study
+from tune.report import best_of
+from tune.searcher import (
+    OPTUNA_KEY,
+    RAY_TRIAL_ATTR,
+    REPORTED_KEY,
+    STEP_KEY,
+    OptunaSearcher,
+    open_storage,
+    open_study,
+)
 from tune.tracking import MlflowView, TrackingUnavailable
 from tune.trainable import append_report
 
@@ -289,6 +301,83 @@ def test_the_parent_follows_the_winner_and_names_tell_an_interrupted_trial(mlflo
     again.start()
     resumed = client.get_run(interrupted.info.run_id)
     assert (resumed.info.status, resumed.info.run_name) == ("RUNNING", "trial-3")
+
+
+def rescan(trials: Iterable[FrozenTrial]) -> tuple:
+    """(counts by state, best trial's number, its place) from a pass over every trial: what
+    the view computed at each trial end before it kept its standings."""
+    trials = list(trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = best_of(complete, [True])
+    if best is None:
+        return Counter(t.state for t in trials), None, 0
+    place = sum(t.datetime_complete <= best.datetime_complete for t in complete)
+    return Counter(t.state for t in trials), best.number, place
+
+
+def standings(view: MlflowView) -> tuple:
+    kept = view._standings
+    counts = +kept.counts  # without the states no trial is in any more
+    return counts, kept.best and kept.best.number, kept.place()
+
+
+def test_the_parents_standings_equal_a_rescan_after_every_trial_end(mlflow_server, tmp_path):
+    """The counts, winner and place the view keeps as trials end equal a pass over every
+    trial after each event, with trial ends heard in another order than Optuna was told them
+    and a driver restart (a new view, built by its first sync) half-way."""
+    spec, root, view, parent_id = started(tmp_path, "standings", mlflow_server.uri)
+    search = FakeSearch(root, spec, view)
+    client = MlflowClient(mlflow_server.uri)
+
+    def heard(ray_id: str, error: bool = False) -> None:
+        """The view hears of a trial's end (told to Optuna before) and updates the parent."""
+        trial = search.trials[ray_id]
+        if error:
+            search.view.on_trial_error(0, [], trial)
+        else:
+            search.view.on_trial_complete(0, [], trial)
+        assert standings(search.view) == rescan(search.view._standings.trials.values())
+        best = standings(search.view)[1]
+        tags = client.get_run(parent_id).data.tags
+        assert tags.get("dsanet.best_trial") == (None if best is None else str(best))
+
+    def stored() -> tuple:
+        storage = open_storage(root)
+        study = storage.get_study_id_from_name(spec.name)
+        trials = storage.get_all_trials(study, deepcopy=False)
+        return rescan(t for t in trials if RAY_TRIAL_ATTR in t.user_attrs)
+
+    # Two epochs complete a trial (max_t); b is pruned after one, d fails, e and f run on.
+    curves = {"a": [0.6, 0.5], "b": [0.3], "c": [0.5, 0.9], "d": [0.4], "e": [0.2], "f": [0.1]}
+    for ray_id, curve in curves.items():
+        search.start(ray_id)
+        search.epochs(ray_id, range(len(curve)), curve)
+    search.searcher.on_trial_complete("a")
+    heard("a")
+    search.pruned.add("b")
+    for ray_id in "bcd":  # told b, c, d; heard d, c, b
+        search.searcher.on_trial_complete(ray_id, error=ray_id == "d")
+    for ray_id in "dcb":
+        heard(ray_id, error=ray_id == "d")
+    assert standings(view) == stored()
+    assert standings(view)[1:] == (2, 2)  # trial c, completed second
+
+    search.view = MlflowView(root, spec, mlflow_server.uri)  # the driver restarts (--resume)
+    search.view.start()
+    assert standings(search.view) == stored()
+    for ray_id, curve in (("g", [0.7, 0.6]), ("h", [0.5, 0.95])):
+        search.start(ray_id)
+        search.epochs(ray_id, range(2), curve)
+    for ray_id in "hg":  # told h, g; heard g, h: h completed before g, so third, not fourth
+        search.searcher.on_trial_complete(ray_id)
+    for ray_id in "gh":
+        heard(ray_id)
+    assert standings(search.view) == stored()
+    counts, best, place = standings(search.view)
+    assert (counts[TrialState.RUNNING], best, place) == (2, 7, 3)
+    assert search.view.finish("KILLED")
+    points = [(m.step, m.value) for m in history(client, client.get_run(parent_id), "best_val_ap")]
+    assert points == [(1, 0.6), (2, 0.9), (3, 0.95)]
 
 
 @pytest.mark.slow  # a second study through the session server (the default suite: 90 s)
