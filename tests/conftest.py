@@ -18,30 +18,10 @@ FIXTURES = SHARED / "fixtures"
 REAL_DATA = SHARED / "data"
 
 
-# Session fixtures that take seconds to build. The tests of each share one xdist worker
-# (`--dist loadgroup`), so it is built once; other tests share a worker with their module's, so
-# module fixtures are built once too. The first fixture listed that a test uses decides.
-SHARED_FIXTURES = {
-    "mlflow_server": "mlflow-server",
-    "synth_mini": "synth-mini",
-    "tiny_finished": "tiny-run",
-    "xd_small": "xd-small",
-}
-
-
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` (the default): the end-to-end runs (`-m slow`) go one at a time in this process:
     they start Ray clusters and network namespaces and time kills. Other suites: xdist's count."""
     return None if "not slow" in (config.option.markexpr or "") else 0
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        used = getattr(item, "fixturenames", ())
-        shared = [group for name, group in SHARED_FIXTURES.items() if name in used]
-        item.add_marker(
-            pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0])
-        )
 
 
 def write_tiny_tree(root: Path, width: int = 512, seed: int = 0) -> dict[str, Path]:

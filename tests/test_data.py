@@ -499,37 +499,6 @@ def test_gt_may_start_in_the_dropped_partial_snippet(tmp_path, past):
     np.testing.assert_array_equal(gt, empty)  # nothing past the features is marked
 
 
-@pytest.mark.parametrize(
-    "preset",
-    [pytest.param("xd-full", marks=pytest.mark.slow), "ucf-mini"],  # xd-full: generated
-)
-def test_loader_reads_synthetic_trees_like_real_ones(tmp_path, preset, synth_mini):
-    from dsanet.synth import generate
-
-    if preset == "xd-full":
-        summary = generate(preset, tmp_path / preset, seed=1, scale=0.03)
-    else:  # the session's whole ucf-mini (seed 0), which test_synth checks too
-        summary = synth_mini("ucf")
-    spec = load_spec(preset.split("-")[0])
-    cfg = DataConfig(
-        dataset=spec.name,
-        list_dir=str(summary.list_dir),
-        feature_root=str(summary.feature_root),
-        cache_dir=str(tmp_path / "cache"),
-    )
-    bundle = load_data(cfg, 256, 512)
-    counts = summary.counts
-    assert len(bundle.train_list) == counts["train"]["files"]
-    assert len(bundle.test.videos) == counts["test"]["videos"]
-    lengths = bundle.test.packed.lengths
-    assert lengths.sum() == counts["test"]["snippets"]
-    for index in (0, len(lengths) - 1):  # lengths come from the feature files themselves
-        assert np.load(bundle.test.videos.paths[index]).shape[0] == lengths[index]
-    assert len(bundle.test.gt_frames) == spec.frames_per_snippet * lengths.sum()
-    assert bundle.test.gt_frames.mean() == pytest.approx(summary.test_positive_rate, abs=1e-4)
-    assert bundle.test.gt_frames[: 16 * lengths[0]].any()  # anomalous rows come first
-
-
 def test_pickle_payload_in_gt_file_runs_no_code(tiny_tree):
     path, marker = tiny_tree["lists"] / "gt_segment.npy", tiny_tree["lists"] / "payload-ran"
     _plant_payload(path, marker)

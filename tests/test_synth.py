@@ -14,7 +14,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dsanet import synth
+from dsanet.config import DataConfig
 from dsanet.datasets import DatasetSpec, load_spec
+from dsanet.loading import load_data
 from dsanet.synth import SynthSummary, generate, main_synth
 from dsanet.synth_features import build_feature_model, model_params, render_crops, render_video
 from dsanet.synth_layout import Segment, VideoPlan, load_calibration, plan_dataset, resolve_preset
@@ -22,7 +24,7 @@ from dsanet.synth_layout import Segment, VideoPlan, load_calibration, plan_datas
 
 @pytest.fixture(scope="module")
 def trees(synth_mini) -> dict[str, SynthSummary]:
-    """xd-mini and ucf-mini of seed 0 (the session's: test_data reads ucf-mini too)."""
+    """xd-mini and ucf-mini of seed 0 (the session's)."""
     return {name: synth_mini(name) for name in ("xd", "ucf")}
 
 
@@ -275,3 +277,34 @@ def test_cli(tmp_path: Path) -> None:
     assert record["seed"] == 2 and record["feature_root"] == "features"
     with pytest.raises(SystemExit):
         main_synth(["--preset", "nope", "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [pytest.param("xd-full", marks=pytest.mark.slow), "ucf-mini"],  # xd-full: generated
+)
+def test_loader_reads_synthetic_trees_like_real_ones(tmp_path, preset, synth_mini):
+    """The data loader on generated trees (beside the tests of the trees: with `--dist loadfile`
+    this module's worker builds the session's ucf-mini once)."""
+    if preset == "xd-full":
+        summary = generate(preset, tmp_path / preset, seed=1, scale=0.03)
+    else:  # the session's whole ucf-mini (seed 0), which test_synth checks too
+        summary = synth_mini("ucf")
+    spec = load_spec(preset.split("-")[0])
+    cfg = DataConfig(
+        dataset=spec.name,
+        list_dir=str(summary.list_dir),
+        feature_root=str(summary.feature_root),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    bundle = load_data(cfg, 256, 512)
+    counts = summary.counts
+    assert len(bundle.train_list) == counts["train"]["files"]
+    assert len(bundle.test.videos) == counts["test"]["videos"]
+    lengths = bundle.test.packed.lengths
+    assert lengths.sum() == counts["test"]["snippets"]
+    for index in (0, len(lengths) - 1):  # lengths come from the feature files themselves
+        assert np.load(bundle.test.videos.paths[index]).shape[0] == lengths[index]
+    assert len(bundle.test.gt_frames) == spec.frames_per_snippet * lengths.sum()
+    assert bundle.test.gt_frames.mean() == pytest.approx(summary.test_positive_rate, abs=1e-4)
+    assert bundle.test.gt_frames[: 16 * lengths[0]].any()  # anomalous rows come first

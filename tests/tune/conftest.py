@@ -115,7 +115,8 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     """One tracking server for the session (each test uses its own experiment), started at its
-    first use (its tests share an xdist worker: tests/conftest.py)."""
+    first use (in each xdist worker that runs a test of it: test_tracking's, with `--dist
+    loadfile`)."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     try:
         yield server
