@@ -193,6 +193,7 @@ def test_unknown_arch():
         text.build_text_encoder(TextConfig(arch="ViT-B-61"), PROMPTS)
 
 
+@pytest.mark.slow  # builds a full-size CLIP (3 s here); "unreadable file" below is the default's
 def test_bad_weights_file(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"not_a_clip_key": torch.zeros(1)}, bad)
@@ -237,7 +238,13 @@ BAD_WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+@pytest.mark.parametrize(
+    "case",
+    [  # each builds a full-size CLIP before it fails (3 s here): one in the default suite
+        pytest.param(case, marks=[pytest.mark.slow] if case == "wrong shapes" else [])
+        for case in BAD_WEIGHTS
+    ],
+)
 def test_bad_text_weights_fail_clearly(tmp_path, case):
     weights, error, message = BAD_WEIGHTS[case]
     with pytest.raises(error, match=message) as info:

@@ -70,6 +70,7 @@ def test_resume_continues_exactly(straight_run, tiny, tmp_path):
     assert resumed.test == pytest.approx(straight.test, rel=1e-6)
 
 
+@pytest.mark.slow  # trains (end to end); the default suite stays under 90 s
 def test_fit_selects_on_validation_and_tests_once(straight_run):
     result, seen, run = straight_run
     assert [int(r["epoch"]) for r in seen] == [0, 1]

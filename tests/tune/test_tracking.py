@@ -38,6 +38,10 @@ from tune.searcher import (
 from tune.tracking import MlflowView, TrackingUnavailable
 from tune.trainable import append_report
 
+# The studies tracked by a real `mlflow server` are slow: the server takes 13 s to start here and
+# the default suite's budget is 90 s. `.ci/run` runs them all (`-m slow`).
+server_study = pytest.mark.slow
+
 
 class FakeSearch:
     """Writes a study folder as a search does: Optuna through the searcher, reports as the
@@ -124,6 +128,7 @@ def started(tmp_path: Path, name: str, uri: str) -> tuple:
     return spec, root, view, view.start()
 
 
+@server_study
 def test_study_layout(mlflow_server, tmp_path):
     spec, root, view, parent_id = started(tmp_path, "layout", mlflow_server.uri)
     search = FakeSearch(root, spec, view)
@@ -204,6 +209,7 @@ def test_study_layout(mlflow_server, tmp_path):
     assert not list(root.glob("*.json"))  # no state of its own in the study folder
 
 
+@server_study
 def test_a_killed_driver_is_caught_up_once_without_duplicates(mlflow_server, tmp_path):
     spec = write_space(tmp_path, "restore", mlflow_server.uri)
     root = tmp_path / "study"
@@ -258,6 +264,7 @@ def test_a_killed_driver_is_caught_up_once_without_duplicates(mlflow_server, tmp
     assert parents[0].info.status == "FINISHED"
 
 
+@server_study
 def test_the_parent_follows_the_winner_and_names_tell_an_interrupted_trial(mlflow_server, tmp_path):
     spec, root, view, parent_id = started(tmp_path, "winner", mlflow_server.uri)
     search = FakeSearch(root, spec, view)
@@ -321,6 +328,7 @@ def standings(view: MlflowView) -> tuple:
     return counts, kept.best and kept.best.number, kept.place()
 
 
+@server_study
 def test_the_parents_standings_equal_a_rescan_after_every_trial_end(mlflow_server, tmp_path):
     """The counts, winner and place the view keeps as trials end equal a pass over every
     trial after each event, with trial ends heard in another order than Optuna was told them
@@ -402,6 +410,7 @@ def test_each_objective_gets_its_kept_value(tmp_path):
     assert parents[0].data.metrics == {"best_val_ap": 0.8, "best_loss_total": 1.0, "best_epoch": 0}
 
 
+@server_study
 def test_an_existing_experiment_opens_in_the_model_training_view(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.uri)
     plain, chosen = f"plain-{tmp_path.name}", f"chosen-{tmp_path.name}"  # the session's server
@@ -418,6 +427,7 @@ def test_an_existing_experiment_opens_in_the_model_training_view(mlflow_server, 
     assert kinds == ["custom_model_development", "x"]  # a user's kind stays
 
 
+@server_study
 def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
     spec, root, view, parent_id = started(tmp_path, "seeds", mlflow_server.uri)
     client = MlflowClient(mlflow_server.uri)
@@ -473,6 +483,7 @@ def test_final_seeds_are_written_as_they_train(mlflow_server, tmp_path):
     assert (stopped.info.status, stopped.info.run_name) == ("KILLED", "final-seed-8 (interrupted)")
 
 
+@server_study
 def test_the_epoch_ray_accepted_is_logged_when_a_restart_wrote_it_twice(mlflow_server, tmp_path):
     spec = write_space(tmp_path, "twice", mlflow_server.uri)
     root = tmp_path / "study"
@@ -594,6 +605,7 @@ def test_a_driver_that_dies_while_the_server_is_down_is_caught_up_by_the_next(
     assert runs[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
 
 
+@server_study
 def test_events_of_trials_without_an_optuna_number_are_ignored(mlflow_server, tmp_path):
     spec = write_space(tmp_path, "foreign", mlflow_server.uri)
     root = tmp_path / "study"
