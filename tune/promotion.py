@@ -39,6 +39,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from tune.searcher import OPTUNA_KEY, STEP_KEY, epoch_records
+from tune.space import rung_milestones
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +198,6 @@ class PromotionLimiter(ConcurrencyLimiter):
             self.live_trials.add(trial_id)
             self.num_unfinished_live_trials += 1
         return suggestion
-
-
-def rung_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
-    """The epochs below max_t at which trials are compared, ascending."""
-    milestones, m = [], float(grace_period)
-    while m < max_t:
-        milestones.append(m)
-        m *= reduction_factor
-    return milestones
 
 
 def _number(trial: Any) -> int:

@@ -132,19 +132,7 @@ def build_scheduler(spec: SpaceSpec, study: optuna.Study | None = None) -> Trial
     if s.kind == "none":
         return FIFOScheduler()
     history = study.get_trials(deepcopy=False) if study is not None else ()
-    if s.kind == "asha-promotion":
-        from tune.promotion import PromotionASHA
-
-        return PromotionASHA(
-            metric=spec.metric[0],
-            mode=spec.mode[0],
-            max_t=s.max_t,
-            grace_period=s.grace_period,
-            reduction_factor=s.reduction_factor,
-            max_concurrent=spec.max_concurrent,
-            history=history,
-        )
-    return StudyASHA(
+    common = dict(
         metric=spec.metric[0],
         mode=spec.mode[0],
         max_t=s.max_t,
@@ -152,6 +140,11 @@ def build_scheduler(spec: SpaceSpec, study: optuna.Study | None = None) -> Trial
         reduction_factor=s.reduction_factor,
         history=history,
     )
+    if s.kind == "asha-promotion":
+        from tune.promotion import PromotionASHA
+
+        return PromotionASHA(max_concurrent=spec.max_concurrent, **common)
+    return StudyASHA(**common)
 
 
 def rung_epochs(s: SchedulerSpec) -> list[float]:

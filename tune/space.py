@@ -367,9 +367,7 @@ def _check_gp(settings: Settings) -> None:
     s, sch = settings.searcher, settings.scheduler
     if s.kind != "gp" or sch.kind == "none":
         return
-    cuts = sum(
-        1 for i in range(RUNGS_LIMIT + 1) if sch.grace_period * sch.reduction_factor**i < sch.max_t
-    )
+    cuts = len(rung_milestones(sch.max_t, sch.grace_period, sch.reduction_factor))
     complete = int(settings.num_samples / sch.reduction_factor**cuts)
     if s.n_startup_trials > complete:
         fail(
@@ -380,6 +378,15 @@ def _check_gp(settings: Settings) -> None:
             f"through; set n_startup_trials <= {complete}, scheduler none, or searcher tpe "
             f"(which learns from pruned trials too)",
         )
+
+
+def rung_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
+    """The epochs below max_t at which trials are compared, ascending."""
+    milestones, m = [], float(grace_period)
+    while m < max_t:
+        milestones.append(m)
+        m *= reduction_factor
+    return milestones
 
 
 def _check_resources(res: ResourcesSpec, device: str) -> None:

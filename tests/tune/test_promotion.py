@@ -13,10 +13,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray_fixtures import MAX_T, write_space
 
-from tune.promotion import PromotionASHA, PromotionLimiter, rung_milestones
+from tune.promotion import PromotionASHA, PromotionLimiter
 from tune.scheduler import build_scheduler, rung_epochs
 from tune.searcher import OPTUNA_KEY, STEP_KEY, OptunaSearcher
-from tune.space import SchedulerSpec, load_space
+from tune.space import SchedulerSpec, load_space, rung_milestones
 
 FAKE_DATA = {"lists": Path("/nowhere/lists"), "features": Path("/nowhere/f"), "cache": Path("/c")}
 GO, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
