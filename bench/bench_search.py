@@ -3,7 +3,7 @@
 Runs a study through the real driver (`tune.driver.main`, what `tune/run.py` calls) on a local
 Ray with `--final-seeds 0`, timing `Tuner.fit`, then reads each trial's `reports.jsonl`:
 
-    python bench/bench_search.py [--quick]
+    python bench/bench_search.py [--quick] [--scheduler asha|asha-promotion]
 
 utilisation = Σ trial busy time / (slots × Tuner.fit wall), where a trial attempt is busy from
 the trainable's entry to its last report; the slot time is split into trial start-up, epochs,
@@ -263,11 +263,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 tiny trials (CI smoke test)")
     parser.add_argument("--keep", action="store_true", help="keep the study folder")
+    parser.add_argument(
+        "--scheduler",
+        choices=("asha", "asha-promotion"),
+        default="asha",
+        help="the study's scheduler.kind (default asha, as the demo space)",
+    )
     args = parser.parse_args(argv)
     folder = SCRATCH / f"search-{'quick' if args.quick else 'demo'}-{os.getpid()}"
     folder.mkdir(parents=True)
     space = quick_space(folder) if args.quick else REPO / "search_spaces" / "demo.yaml"
     spec = load_yaml_file(space)
+    if args.scheduler != spec["scheduler"]["kind"]:  # a copy of the space with the other kind
+        spec["scheduler"]["kind"] = args.scheduler
+        spec["name"] = f"{spec['name']}-{args.scheduler}"
+        space = folder / f"{spec['name']}.yaml"
+        space.write_text(yaml.safe_dump(spec, sort_keys=False))
     try:
         times = run_study(space, folder, folder / "study.log", timeout=1500)
         root = folder / spec["name"]
@@ -281,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     print(describe(u))
     load = os.getloadavg()[0]
     what = "4 tiny trials" if args.quick else f"demo space, {spec['num_samples']} trials"
+    what += "" if args.scheduler == "asha" else f", {args.scheduler}"
     command = " ".join(["python bench/bench_search.py", *(sys.argv[1:] if argv is None else argv)])
     verdict = "met" if u["utilisation"] >= GOAL else "not met"
     print(
