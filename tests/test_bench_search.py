@@ -42,9 +42,10 @@ def test_startup_quick_prints_the_phases_and_its_row(tmp_path):
 
 @pytest.mark.slow
 def test_search_quick_measures_slot_utilisation(tmp_path):
-    out = run_quick("bench_search.py", tmp_path)
+    # the promotion variant: the space copy with another scheduler, and paused trials' attempts
+    out = run_quick("bench_search.py", tmp_path, "--scheduler", "asha-promotion")
     assert "share of slot time:" in out
-    assert "| B4 slot utilisation (4 tiny trials, 2 slots) |" in out
+    assert "| B4 slot utilisation (4 tiny trials, asha-promotion, 2 slots) |" in out
 
 
 @pytest.mark.slow
