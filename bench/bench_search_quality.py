@@ -45,6 +45,8 @@ import yaml
 from bench_search import SCRATCH, attempts, read_reports, small_tree, tiny_overrides, utilisation
 from common import machine  # bench/ is the script's folder, first on sys.path
 
+from dsanet.config import flatten
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("random", "stock", "ours", "gp", "promotion")
 LABELS = {
@@ -297,15 +299,9 @@ def run_one(
         root, chosen = run_ours(space, folder, log)
     figures = study_figures(root, timer.times, size.max_t)
     figures["test"] = test_chosen(chosen, root) if chosen is not None else None
-    figures["chosen"] = {k: getattr_dotted(chosen, k) for k in SEARCH} if chosen else None
+    figures["chosen"] = {k: flatten(chosen)[k] for k in SEARCH} if chosen else None
     figures["wall"] = time.time() - started
     return figures
-
-
-def getattr_dotted(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def start_ray() -> Path:
