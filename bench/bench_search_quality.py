@@ -107,7 +107,7 @@ def write_space(folder: Path, method: str, seed: int, size: Size) -> Path:
     searcher = {"kind": "tpe", "seed": seed, "n_startup_trials": size.startup_trials}
     scheduler, trials = asha, size.asha_trials
     if method == "random":
-        searcher, scheduler, trials = {"kind": "random", "seed": seed}, {"kind": "none"}, None
+        searcher, scheduler = {"kind": "random", "seed": seed}, {"kind": "none"}
         trials = size.random_trials
     elif method == "gp":
         searcher = {"kind": "gp", "seed": seed, "n_startup_trials": size.gp_startup}
